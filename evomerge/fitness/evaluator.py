@@ -1,0 +1,175 @@
+"""Score models with lm-eval tasks, building the tasks once per evaluator.
+
+``simple_evaluate`` rebuilds the task dict (and re-reads the data) on every call; the search
+scores thousands of candidates, so an ``Evaluator`` loads its tasks once and calls
+``lm_eval.evaluator.evaluate`` per model. The search writes each candidate's weights in
+place into one model object, so the lm-eval wrapper (``HFLM``) around that object is kept
+too and simply sees the new weights.
+"""
+
+from __future__ import annotations
+
+from evomerge.fitness.env import set_offline_env
+
+set_offline_env()  # before lm_eval pulls in datasets / huggingface_hub
+
+from collections.abc import Iterable  # noqa: E402
+from numbers import Real  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from lm_eval.evaluator import evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from evomerge.errors import UserError, nearest  # noqa: E402
+from evomerge.fitness.terms import FitnessTerm, Result, combine, scores_from_results  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def default_task_path() -> Path:
+    """The repository's ``tasks/`` directory (the zoo tasks)."""
+    return Path(__file__).resolve().parents[2] / "tasks"
+
+
+class Evaluator:
+    """lm-eval tasks loaded once; ``score_model`` / ``score_dir`` per candidate."""
+
+    def __init__(
+        self,
+        terms: Iterable[FitnessTerm],
+        task_path: str | Path | None = None,
+        limit: int | float | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+    ) -> None:
+        self.terms = list(terms)
+        if not self.terms:
+            raise UserError("no fitness terms; name at least one task, e.g. --tasks rev_search")
+        self.task_path = Path(task_path) if task_path is not None else default_task_path()
+        if not self.task_path.is_dir():
+            raise UserError(f"task path {self.task_path} is not a directory; pass the folder holding the task YAMLs")
+        self.limit = _check_limit(limit)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.device = device
+
+        names = list(dict.fromkeys(t.task for t in self.terms))
+        self._task_dict = self._load_tasks(names)
+        self._check_metrics()
+        self._lm: HFLM | None = None
+        self._lm_model = None
+        self._lm_tokenizer = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _task_manager(self, names: list[str]) -> TaskManager:
+        # Indexing lm-eval's ~15k built-in tasks takes seconds: only do it for names not found locally.
+        tm = TaskManager(include_path=str(self.task_path), include_defaults=False)
+        if all(n in tm.all_tasks for n in names):
+            return tm
+        tm = TaskManager(include_path=str(self.task_path))
+        for name in names:
+            if name not in tm.all_tasks:
+                raise UserError(
+                    f"unknown task {name!r}{nearest(name, tm.all_tasks)}; "
+                    f"tasks are looked up in {self.task_path} (--task-path) and lm-eval's own tasks"
+                )
+            if name in tm.all_tags:
+                raise UserError(f"{name!r} is an lm-eval tag, which has no score of its own; name its tasks or a group")
+        return tm
+
+    def _load_tasks(self, names: list[str]) -> dict:
+        tm = self._task_manager(names)
+        # lm-eval refuses a task named both on its own and inside a named group; the group's
+        # results carry the task's row anyway, so load groups first and skip their members.
+        groups = [n for n in names if n in tm.all_groups]
+        try:
+            loaded = tm.load(groups) if groups else {"tasks": {}, "groups": {}, "group_map": {}}
+            rest = [n for n in names if n not in groups and n not in loaded["tasks"]]
+            if rest:
+                more = tm.load(rest)
+                for key in ("tasks", "groups", "group_map"):
+                    loaded[key] = {**loaded.get(key, {}), **more.get(key, {})}
+        except FileNotFoundError as e:
+            raise UserError(f"task data not found: {str(e).splitlines()[0]}") from None
+        return loaded
+
+    def _produced_metrics(self, name: str) -> set[str]:
+        """Metric names the results will carry for a task or group, as ``scores_from_results`` keys them."""
+        tasks, groups = self._task_dict["tasks"], self._task_dict.get("groups", {})
+        if name in tasks:
+            task = tasks[name]
+            filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+            pairs = [(m, f) for m in task.aggregation() for f in filters]
+        else:
+            aggs = groups[name].aggregate_metric_list or []
+            pairs = [(a.metric, f) for a in aggs for f in (a.filter_list or ["none"])]
+        return {m if f == "none" else f"{m},{f}" for m, f in pairs}
+
+    def _check_metrics(self) -> None:
+        for term in self.terms:
+            produced = self._produced_metrics(term.task)
+            if term.metric not in produced:
+                raise UserError(
+                    f"task {term.task!r} does not produce metric {term.metric!r}"
+                    f"{nearest(term.metric, produced)}; it produces {sorted(produced)}"
+                )
+
+    # ---------------------------------------------------------------- scoring
+
+    def _lm_for(self, model, tokenizer) -> HFLM:
+        # HFLM reads weights through the model object at every forward pass, so one wrapper
+        # serves every weight set written into that object.
+        if self._lm is None or self._lm_model is not model or self._lm_tokenizer is not tokenizer:
+            self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            self._lm_model, self._lm_tokenizer = model, tokenizer
+        return self._lm
+
+    def score_model(self, model, tokenizer) -> Result:
+        """Score a model object already in memory (its current weights)."""
+        if tokenizer is None:
+            raise UserError("score_model needs the model's tokenizer")
+        out = evaluate(
+            lm=self._lm_for(model, tokenizer),
+            task_dict=self._task_dict,
+            limit=self.limit,
+            bootstrap_iters=0,
+            log_samples=False,
+        )
+        scores = scores_from_results(out["results"])
+        return Result(scores=scores, fitness=combine(self.terms, scores))
+
+    def score_dir(self, path: str | Path) -> Result:
+        """Load a Hugging Face model dir (with its tokenizer) and score it."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        check_model_dir(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(self.device)
+        return self.score_model(model, tokenizer)
+
+
+def check_model_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a Hugging Face model dir (no config.json); pass a dir written by save_pretrained")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "copy the tokenizer files of its base model into it"
+        )
+
+
+def _check_limit(limit: int | float | None) -> int | float | None:
+    """lm-eval's convention: an int counts docs per task, a float below 1 is a fraction."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, Real):
+        raise UserError(f"limit must be a number, got {limit!r}")
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)
+    if isinstance(limit, int) and limit >= 1 or isinstance(limit, float) and 0 < limit < 1:
+        return limit
+    raise UserError(f"limit must be a count >= 1 or a fraction in (0, 1), got {limit!r}")

@@ -1,0 +1,239 @@
+"""The merge kernels: what parameters each takes, and the registry that names them.
+
+A kernel merges one tensor at a time. Its ``fn`` takes the source models' tensors
+(without the base for ``uses_base`` kernels), the base tensor, each source's
+per-model parameters and the global parameters, fills in declared defaults, checks
+them, and returns the merged tensor in float32. The genome's dimensions come from the
+``tunable`` parameter declarations here.
+
+Parameter names, defaults and preset flags follow mergekit 0.1.x, so a mergekit recipe
+means the same thing here. ``rescale`` also takes mergekit's booleans (true = "l1").
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from evomerge.errors import UserError, nearest
+from evomerge.merge import linear, passthrough, slerp, sparsify, task_vector
+from evomerge.merge.task_vector import SORTED_ABS
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str  # e.g. "weight", "density", "t", "lambda", "gamma", "normalize", "rescale"
+    per_model: bool  # True: one value per source model (mergekit "tensor parameter"); False: global
+    default: float | bool | str | None  # None = required
+    low: float | None = None  # search bounds the genome uses by default (tunable floats only)
+    high: float | None = None
+    tunable: bool = False  # True for float params a search may tune
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    params: tuple[ParamSpec, ...]
+    uses_base: bool  # task-vector methods and slerp need a base_model; linear does not
+    random: bool  # True for dare_* (the seed changes the result)
+    fn: Callable[..., Tensor]  # fn(tensors, base, model_params, params, seed=0) -> float32 Tensor
+
+
+WEIGHT = ParamSpec("weight", per_model=True, default=None, low=0.0, high=1.0, tunable=True)
+DENSITY = ParamSpec("density", per_model=True, default=1.0, low=0.1, high=1.0, tunable=True)
+GAMMA = ParamSpec("gamma", per_model=True, default=0.01, low=0.0, high=0.1, tunable=True)
+LAMBDA = ParamSpec("lambda", per_model=False, default=1.0, low=0.5, high=1.5, tunable=True)
+T = ParamSpec("t", per_model=False, default=None, low=0.0, high=1.0, tunable=True)
+# Accepted so that mergekit recipes load; boolean masks here make it irrelevant.
+INT8_MASK = ParamSpec("int8_mask", per_model=False, default=False)
+
+# Valid ranges beyond "a finite number": (low, high, low inclusive, high inclusive).
+_RANGES = {"density": (0.0, 1.0, False, True), "gamma": (0.0, 1.0, True, False)}
+# Kernels whose keep rule ranks |delta|: a caller may pass each source's sorted_abs.
+_RANKS_MAGNITUDES = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
+
+
+def _normalize(default: bool) -> ParamSpec:
+    return ParamSpec("normalize", per_model=False, default=default)
+
+
+def _rescale(default: str) -> ParamSpec:
+    return ParamSpec("rescale", per_model=False, default=default)
+
+
+def _declare(
+    name: str, params: tuple[ParamSpec, ...], uses_base: bool, random: bool, impl: Callable[..., Tensor]
+) -> Kernel:
+    def fn(
+        tensors: Sequence[Tensor],
+        base: Tensor | None,
+        model_params: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        seed: int = 0,
+    ) -> Tensor:
+        filled_models, filled = with_defaults(kernel, model_params, params)
+        _check_tensors(kernel, tensors, base, filled_models)
+        return impl(tensors, base, filled_models, filled, seed)
+
+    kernel = Kernel(name, params, uses_base, random, fn)
+    return kernel
+
+
+def _task_vector(
+    name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: str
+) -> Kernel:
+    params = [WEIGHT]
+    if sparsification:
+        params.append(DENSITY)
+    if sparsification == "magnitude_outliers":
+        params.append(GAMMA)
+    params += [LAMBDA, _normalize(normalize)]
+    if sparsification:
+        params.append(_rescale(rescale))
+    params.append(INT8_MASK)
+    impl = functools.partial(task_vector.merge, sparsification=sparsification, consensus=consensus)
+    return _declare(name, tuple(params), uses_base=True, random=sparsification == "random", impl=impl)
+
+
+KERNELS: dict[str, Kernel] = {
+    kernel.name: kernel
+    for kernel in (
+        _declare("linear", (WEIGHT, _normalize(True)), uses_base=False, random=False, impl=linear.merge),
+        _declare("slerp", (T,), uses_base=True, random=False, impl=slerp.merge),
+        _declare("passthrough", (ParamSpec("scale", per_model=True, default=1.0),), uses_base=False, random=False, impl=passthrough.merge),
+        _task_vector("task_arithmetic", None, consensus=False, normalize=False, rescale="none"),
+        _task_vector("ties", "magnitude", consensus=True, normalize=True, rescale="none"),
+        _task_vector("dare_linear", "random", consensus=False, normalize=False, rescale="l1"),
+        _task_vector("dare_ties", "random", consensus=True, normalize=False, rescale="l1"),
+        _task_vector("breadcrumbs", "magnitude_outliers", consensus=False, normalize=False, rescale="none"),
+        _task_vector("breadcrumbs_ties", "magnitude_outliers", consensus=True, normalize=False, rescale="none"),
+    )
+}
+
+
+def get_kernel(name: str) -> Kernel:
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown merge method {name!r}{nearest(name, KERNELS)}; known: {', '.join(KERNELS)}"
+        ) from None
+
+
+def uses_sorted_abs(kernel: Kernel) -> bool:
+    """Whether ``fn`` reads an optional per-model ``sorted_abs`` entry (ascending
+    |source - base|, from ``sparsify.sorted_abs_delta``) instead of selecting."""
+    return kernel.name in _RANKS_MAGNITUDES
+
+
+def with_defaults(
+    kernel: Kernel, model_params: Sequence[Mapping[str, Any]], params: Mapping[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-model and global parameters with defaults filled in and values checked.
+
+    A per-model parameter given among the global ones applies to every model that
+    does not set it (as in mergekit). Raises UserError for unknown or missing
+    parameters and out-of-range values.
+    """
+    specs = {spec.name: spec for spec in kernel.params}
+    for name in params:
+        if name not in specs:
+            raise UserError(
+                f"{kernel.name} has no parameter {name!r}{nearest(name, specs)}; "
+                f"its parameters: {', '.join(specs)}"
+            )
+    filled = {}
+    for spec in kernel.params:
+        if not spec.per_model:
+            filled[spec.name] = _checked(kernel, spec, params.get(spec.name, spec.default), "")
+    filled_models = []
+    for i, given in enumerate(model_params):
+        where = f" for model {i}"
+        for name in given:
+            if name == SORTED_ABS and uses_sorted_abs(kernel):
+                continue
+            spec = specs.get(name)
+            if spec is None:
+                raise UserError(
+                    f"{kernel.name} has no parameter {name!r}{nearest(name, specs)}{where}; "
+                    f"its parameters: {', '.join(specs)}"
+                )
+            if not spec.per_model:
+                raise UserError(
+                    f"{kernel.name} parameter {name!r} applies to the whole merge, not to one model; "
+                    "move it out of the model's parameters"
+                )
+        one = {
+            spec.name: _checked(kernel, spec, given.get(spec.name, params.get(spec.name, spec.default)), where)
+            for spec in kernel.params
+            if spec.per_model
+        }
+        if SORTED_ABS in given:
+            one[SORTED_ABS] = given[SORTED_ABS]
+        filled_models.append(one)
+    return filled_models, filled
+
+
+def _checked(kernel: Kernel, spec: ParamSpec, value: Any, where: str) -> Any:
+    """``value`` converted to the spec's type, or UserError saying what to set."""
+    label = f"{kernel.name} parameter {spec.name!r}{where}"
+    if value is None:
+        example = f"{spec.name}: {spec.low if spec.low is not None else 0.5}"
+        scope = "each model's parameters" if spec.per_model else "the merge's parameters"
+        raise UserError(f"{label} is required; set it in {scope} (e.g. {example})")
+    if spec.name == "rescale":
+        return _rescale_value(label, value)
+    if isinstance(spec.default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"{label} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not _is_number(value):
+        raise UserError(f"{label} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise UserError(f"{label} must be finite, got {number}")
+    if spec.name in _RANGES:
+        low, high, low_in, high_in = _RANGES[spec.name]
+        inside = (number >= low if low_in else number > low) and (number <= high if high_in else number < high)
+        if not inside:
+            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise UserError(f"{label} must be in {interval}, got {number:g}")
+    return number
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, str)
+
+
+def _rescale_value(label: str, value: Any) -> str:
+    if isinstance(value, bool):  # mergekit's rescale: true means matching the L1 norm
+        return "l1" if value else "none"
+    if value not in sparsify.RESCALES:
+        raise UserError(f"{label} must be one of {', '.join(sparsify.RESCALES)} (or true/false), got {value!r}")
+    return value
+
+
+def _check_tensors(
+    kernel: Kernel, tensors: Sequence[Tensor], base: Tensor | None, model_params: Sequence[Mapping[str, Any]]
+) -> None:
+    if len(model_params) != len(tensors):
+        raise ValueError(f"{len(tensors)} tensors but {len(model_params)} model parameter sets")
+    if kernel.uses_base and base is None:
+        raise UserError(f"{kernel.name} needs a base model; set base_model in the recipe")
+    shapes = {tuple(x.shape) for x in tensors}
+    if kernel.uses_base:
+        shapes.add(tuple(base.shape))
+    if len(shapes) > 1:
+        raise UserError(
+            f"{kernel.name} got tensors of different shapes {sorted(shapes)}; "
+            "merge only models of the same architecture and size"
+        )

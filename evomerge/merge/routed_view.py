@@ -1,0 +1,70 @@
+"""Run a routing path over layers already in memory, without copying them.
+
+A search scores many DFS candidates over the same resident source layers, so
+instead of folding each candidate into new weights we build a view: the shell
+model's embeddings, final norm and head, with its block list replaced by the
+path's layers, each wrapped to scale its input. Shallow copies keep the shell
+itself untouched. This is also the unfolded reference the fold is tested against.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class ScaledInput(nn.Module):
+    """A block whose input hidden state is multiplied by ``scale``."""
+
+    def __init__(self, layer: nn.Module, scale: float):
+        super().__init__()
+        self.layer = layer
+        self.scale = scale
+
+    def forward(self, *args, **kwargs):
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = kwargs["hidden_states"] * self.scale
+        else:
+            args = (args[0] * self.scale,) + tuple(args[1:])
+        return self.layer(*args, **kwargs)
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    return new
+
+
+def routed_view(shell: nn.Module, layer_attr: str, layers: Sequence[tuple[nn.Module, float]],
+                layer_count_key: str, layer_types: list | None = None) -> nn.Module:
+    """``shell`` with its blocks (at dotted path ``layer_attr``, e.g. 'model.layers') replaced by ``layers``.
+
+    ``layer_types`` (per-slot attention kinds, for configs that have them) follow the path's layers.
+    """
+    config = copy.deepcopy(shell.config)
+    setattr(config, layer_count_key, len(layers))
+    config.use_cache = False  # repeated blocks share layer_idx; no KV cache in scoring anyway
+    if layer_types is not None:
+        config.layer_types = list(layer_types)
+    view = _shallow(shell)
+    view.config = config
+    parent, node = view, view
+    *path, last = layer_attr.split(".")
+    for name in path:
+        child = _shallow(getattr(node, name))
+        if hasattr(child, "config"):
+            child.config = config
+        node._modules[name] = child
+        node = child
+    node._modules[last] = nn.ModuleList(ScaledInput(layer, scale) for layer, scale in layers)
+    return view
+
+
+@torch.no_grad()
+def unfolded_logits(view: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return view(input_ids=input_ids, use_cache=False).logits

@@ -1,0 +1,115 @@
+"""The ask/tell interface every optimizer backend implements.
+
+An optimizer proposes one generation of genomes x in [0,1]^dim with ``ask()`` and
+learns from their fitness (higher is better) with ``tell()``. ``state_dict()`` holds
+everything needed to continue identically, private RNG state included, so a resumed
+search follows the trajectory of an uninterrupted one.
+
+The bookkeeping every backend needs (the pending generation, the check that ``tell``
+gets what ``ask`` gave, non-finite fitness, the generation counter, the common part of
+the checkpoint) lives here once; a backend fills in four small hooks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+
+class Optimizer(ABC):
+    """Maximizes a fitness over [0,1]^dim, one generation of ``popsize`` genomes at a time."""
+
+    dim: int
+    popsize: int
+
+    def __init__(self, dim: int, popsize: int) -> None:
+        self.dim = dim
+        self.popsize = popsize
+        self._generation = 0
+        self._pending: list[np.ndarray] | None = None  # asked, not yet told
+        self._worst: float | None = None  # worst finite fitness told so far
+
+    @property
+    def generation(self) -> int:
+        """Number of completed (told) generations."""
+        return self._generation
+
+    def ask(self) -> list[np.ndarray]:
+        """The next generation: ``popsize`` float64 genomes of shape (dim,) in [0,1].
+
+        Asking again before ``tell`` returns the same generation: a checkpoint taken
+        between ask and tell resumes with the candidates that were in flight.
+        """
+        if self._pending is None:
+            self._pending = [np.array(g, dtype=np.float64) for g in self._ask()]
+        return [g.copy() for g in self._pending]
+
+    def tell(self, genomes: list[np.ndarray], fitnesses: list[float]) -> None:
+        """Report the fitness of the whole last generation, in the order it was asked.
+
+        A NaN or infinite fitness counts as the worst finite fitness seen so far (0.0
+        before any), so one broken candidate cannot derail the search.
+        """
+        if self._pending is None:
+            raise ValueError("tell() without a pending ask(); call ask() first")
+        if len(genomes) != len(self._pending) or not all(
+            np.array_equal(np.asarray(g, dtype=np.float64), p) for g, p in zip(genomes, self._pending)
+        ):
+            raise ValueError("tell() takes exactly the genomes of the last ask(), all of them, in the order asked")
+        if len(fitnesses) != len(genomes):
+            raise ValueError(f"tell() got {len(fitnesses)} fitnesses for {len(genomes)} genomes")
+        self._tell(self._pending, self._finite(fitnesses))
+        self._pending = None
+        self._generation += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """A picklable snapshot; later ask/tell calls do not change it."""
+        return {
+            "backend": type(self).__name__,
+            "dim": self.dim,
+            "popsize": self.popsize,
+            "generation": self._generation,
+            "pending": None if self._pending is None else [g.copy() for g in self._pending],
+            "worst": self._worst,
+            "backend_state": self._state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; this instance must have the same backend, dim and popsize."""
+        mine = (type(self).__name__, self.dim, self.popsize)
+        theirs = (state["backend"], state["dim"], state["popsize"])
+        if mine != theirs:
+            raise ValueError(f"state of (backend, dim, popsize) = {theirs} cannot load into {mine}")
+        self._generation = state["generation"]
+        self._pending = None if state["pending"] is None else [g.copy() for g in state["pending"]]
+        self._worst = state["worst"]
+        self._load_state(state["backend_state"])
+
+    def _finite(self, fitnesses: list[float]) -> list[float]:
+        values = np.asarray(fitnesses, dtype=np.float64)
+        finite = np.isfinite(values)
+        if finite.any():
+            lowest = float(values[finite].min())
+            self._worst = lowest if self._worst is None else min(self._worst, lowest)
+        fill = 0.0 if self._worst is None else self._worst
+        return np.where(finite, values, fill).tolist()
+
+    # --- backend hooks -------------------------------------------------------
+
+    @abstractmethod
+    def _ask(self) -> list[np.ndarray]:
+        """Sample ``popsize`` new genomes in [0,1]^dim."""
+
+    @abstractmethod
+    def _tell(self, genomes: list[np.ndarray], fitnesses: list[float]) -> None:
+        """Learn from the genomes of the last ``_ask`` and their finite fitnesses."""
+
+    @abstractmethod
+    def _state(self) -> Any:
+        """Backend state as a picklable snapshot, RNG state included."""
+
+    @abstractmethod
+    def _load_state(self, state: Any) -> None:
+        """Restore what ``_state`` returned."""

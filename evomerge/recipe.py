@@ -1,0 +1,207 @@
+"""The recipe: one YAML format for `evomerge merge`, the search and export.
+
+A superset of mergekit's merge configuration (``merge_method``, ``base_model``,
+``models`` or ``slices``, ``parameters``, ``dtype``, ``out_dtype``,
+``tokenizer_source``) plus ``routing``: a data-flow-space path of slots, each
+running one layer of one source (or of this recipe's own parameter-space
+merge, named ``merge``) with its input scaled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+MERGE_SOURCE = "merge"  # a routing slot's source naming the recipe's own PS merge
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Scalar = Union[bool, int, float, str]
+
+
+class Conditional(_Frozen):
+    filter: Optional[str] = None
+    value: Union[Scalar, list[float], list[Scalar]]
+
+
+Setting = Union[Scalar, list[float], list[Scalar], list[Conditional]]
+
+
+class InputModel(_Frozen):
+    model: str
+    parameters: Optional[dict[str, Setting]] = None
+
+
+class InputSlice(_Frozen):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Optional[dict[str, Setting]] = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v):
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class OutputSlice(_Frozen):
+    sources: list[InputSlice]
+    base_model: Optional[str] = None
+    parameters: Optional[dict[str, Setting]] = None
+
+
+class Slot(_Frozen):
+    source: str
+    layer: int
+    scale: float = 1.0
+
+    @field_validator("scale")
+    @classmethod
+    def _positive(cls, v):
+        # the fold relies on norm(c*x) == norm(x), true only for c > 0
+        if not v > 0:
+            raise ValueError(f"slot scale {v} must be > 0")
+        return v
+
+
+class Routing(_Frozen):
+    slots: list[Slot]
+    # where embeddings, final norm and head come from; default: the merge if any, else base_model
+    embeddings: Optional[str] = None
+
+    @field_validator("slots")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("routing needs at least one slot")
+        return v
+
+
+class Recipe(_Frozen):
+    merge_method: Optional[str] = None
+    base_model: Optional[str] = None
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    parameters: Optional[dict[str, Setting]] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None  # accepted for mergekit compatibility; copied from the tokenizer source as is
+    routing: Optional[Routing] = None
+    seed: int = 0  # for random kernels (DARE); `evomerge merge --seed` overrides
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.models and self.slices:
+            raise ValueError("give either 'models' or 'slices', not both")
+        if self.merge_method and not (self.models or self.slices):
+            raise ValueError(f"merge_method {self.merge_method!r} needs 'models' or 'slices' to merge")
+        if not self.merge_method and (self.models or self.slices):
+            raise ValueError("'models'/'slices' given without a merge_method")
+        if not self.merge_method and not self.routing:
+            raise ValueError("a recipe needs a merge_method, a routing, or both")
+        if self.routing:
+            if not self.merge_method and any(s.source == MERGE_SOURCE for s in self.routing.slots):
+                raise ValueError(f"routing slot source {MERGE_SOURCE!r} needs a merge_method to merge")
+            if not self.merge_method and not (self.routing.embeddings or self.base_model):
+                raise ValueError("a routing-only recipe needs base_model or routing.embeddings (for embeddings and head)")
+        return self
+
+    # -- derived views -------------------------------------------------------
+    def model_refs(self) -> list[str]:
+        """Every model the recipe reads, first-seen order, the base first."""
+        refs = [self.base_model] if self.base_model else []
+        for m in self.models or []:
+            refs.append(m.model)
+        for s in self.slices or []:
+            refs.extend(src.model for src in s.sources)
+            if s.base_model:
+                refs.append(s.base_model)
+        if self.routing:
+            refs.extend(s.source for s in self.routing.slots if s.source != MERGE_SOURCE)
+            if self.routing.embeddings and self.routing.embeddings != MERGE_SOURCE:
+                refs.append(self.routing.embeddings)
+        return list(dict.fromkeys(refs))
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def hash(self) -> str:
+        """Content hash: equal recipes give equal tensors (the search's cache key)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a YAML mapping with merge_method/models or routing")
+    if "modules" in data:
+        raise UserError(f"{where}: mergekit 'modules' (multi-module models) are not supported; use 'models' or 'slices'")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "recipe"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"{where}: {loc}: {msg}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe file {str(path)!r} not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{at}") from None
+    return parse_recipe(data, where=str(path))
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
+    """A parameter's value for one tensor, mergekit's way.
+
+    Scalars are themselves; a numeric list is a gradient interpolated at t
+    (the tensor's relative depth in its slice); a list of {filter, value}
+    takes the first whose filter is a substring of the tensor name (no filter
+    or '*' matches all). Returns None when no filter matches.
+    """
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, Conditional):
+        return evaluate_setting(setting.value, tensor_name, t)
+    if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        return setting[int(t * (len(setting) - 1))]
+    for cond in setting:
+        if cond.filter in (None, "*") or cond.filter in tensor_name:
+            return evaluate_setting(cond.value, tensor_name, t)
+    return None

@@ -1,0 +1,193 @@
+"""The search loop: ask a generation, score it on the pool, tell, checkpoint.
+
+One code path for fresh and resumed runs. Every random draw belongs to the
+optimizer, whose full state is checkpointed after each generation; candidate
+ids are (generation, index), so after a crash the re-asked generation is the
+same, candidates already in the history are taken from it, and those in
+flight are run again. The loop never touches tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..io.model_dir import ModelDir
+from ..io.writer import atomic_write_text
+from ..optim.registry import make_optimizer
+from ..space.codec import SearchSpace
+from ..space.config import SearchConfig, config_to_yaml, load_search_config
+from ..workers.pool import make_pool
+from .rundir import RunDir
+
+MAX_ATTEMPTS = 3  # a candidate that fails this often is recorded as failed and the search goes on
+
+
+@dataclass
+class Overrides:
+    max_evals: int | None = None
+    workers: int | None = None
+    seed: int | None = None
+    ray_address: str | None = None
+
+
+def apply_overrides(cfg: SearchConfig, o: Overrides) -> SearchConfig:
+    opt = cfg.optimizer.model_copy(update={k: v for k, v in (("max_evals", o.max_evals), ("seed", o.seed)) if v is not None})
+    workers = cfg.workers.model_copy(update={"count": o.workers} if o.workers is not None else {})
+    if o.max_evals is not None and o.max_evals < 1:
+        raise UserError("--max-evals must be >= 1")
+    if o.workers is not None and o.workers < 0:
+        raise UserError("--workers must be >= 0 (0 runs in this process without Ray)")
+    return cfg.model_copy(update={"optimizer": opt, "workers": workers})
+
+
+def build_space(cfg: SearchConfig) -> SearchSpace:
+    """Open every source's header (cheap) to check it and count its layers."""
+    dirs = {ref: ModelDir(ref) for ref in cfg.model_refs()}
+    first = next(iter(dirs.values()))
+    for ref, d in dirs.items():
+        if d.arch.model_type != first.arch.model_type or d.arch.vocab_size != first.arch.vocab_size:
+            raise UserError(f"{ref} ({d.arch.model_type}, vocab {d.arch.vocab_size}) does not match "
+                            f"{first.path} ({first.arch.model_type}, vocab {first.arch.vocab_size}); search over one model family")
+    return SearchSpace(cfg, {ref: d.arch.num_layers for ref, d in dirs.items()})
+
+
+def check_tasks(cfg: SearchConfig) -> None:
+    """Load the fitness tasks once here, so a bad task name fails before any worker starts."""
+    from ..fitness.evaluator import Evaluator
+    from ..fitness.terms import FitnessTerm
+
+    fit = cfg.fitness
+    Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in fit.tasks], fit.task_path, fit.limit, fit.batch_size)
+    if cfg.test:
+        Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in cfg.test], fit.task_path, None, fit.batch_size)
+
+
+def start(config_path: str, run_dir: str | None, overrides: Overrides, progress: bool = True) -> Path:
+    cfg = apply_overrides(load_search_config(config_path), overrides)
+    name = cfg.name or Path(config_path).stem
+    rd = RunDir(run_dir or Path("runs") / name)
+    if rd.path.exists() and any(rd.path.iterdir()):
+        raise UserError(f"run directory {rd.path} already exists; resume it with `evomerge resume {rd.path}` or pass another --run-dir")
+    build_space(cfg)
+    check_tasks(cfg)
+    rd.create(cfg)
+    rd.log(f"search started from {config_path}")
+    return run(rd, overrides.ray_address, progress)
+
+
+def resume(run_dir: str, config_path: str | None = None, ray_address: str | None = None, progress: bool = True) -> Path:
+    rd = RunDir(run_dir)
+    cfg = rd.load_config()
+    if config_path is not None:
+        new = load_search_config(config_path)
+        # CLI overrides frozen into the run are not a change of config
+        new = new.model_copy(update={"optimizer": new.optimizer.model_copy(update={"max_evals": cfg.optimizer.max_evals, "seed": cfg.optimizer.seed}),
+                                     "workers": cfg.workers})
+        if new != cfg:
+            diff = _diff(cfg.model_dump(mode="json"), new.model_dump(mode="json"))
+            raise UserError(f"{config_path} differs from the run's frozen config ({'; '.join(diff[:4])}); start a new run for a new config")
+    rd.log("resumed")
+    return run(rd, ray_address, progress)
+
+
+def _diff(a, b, path="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
+
+
+def run(rd: RunDir, ray_address: str | None = None, progress: bool = True) -> Path:
+    cfg = rd.load_config()
+    space = build_space(cfg)
+    o = cfg.optimizer
+    opt = make_optimizer(o.backend, space.dim, seed=o.seed, popsize=o.popsize, sigma0=o.sigma0, x0=space.default_x0())
+    ckpt = rd.load_checkpoint()
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+    history = rd.read_history()
+    done = {e["eval_id"]: e for e in history}
+    cache = {e["recipe_hash"]: e for e in history if e.get("error") is None and e.get("fitness") is not None}
+    best = max((e for e in history if e.get("fitness") is not None), key=lambda e: e["fitness"], default=None)
+    generations = math.ceil(o.max_evals / o.popsize)
+
+    pool = make_pool(cfg.model_dump(mode="json"), cfg.workers.count, cfg.workers.gpus_per_worker, cfg.workers.cpus_per_worker, ray_address)
+    bar = tqdm(total=generations * o.popsize, initial=min(len(done), generations * o.popsize), desc="search",
+               unit="cand", disable=not progress, dynamic_ncols=True)
+    try:
+        while opt.generation < generations:
+            gen = opt.generation
+            genomes = opt.ask()
+            entries: list[dict | None] = [None] * len(genomes)
+            waiting: dict[str, list[int]] = {}  # recipe hash -> candidate indices sharing it
+            recipes = {}
+            for i, x in enumerate(genomes):
+                eval_id = gen * o.popsize + i
+                if eval_id in done and np.allclose(done[eval_id]["genome"], x, atol=1e-12):
+                    entries[i] = done[eval_id]  # scored before a crash
+                    continue
+                recipe = space.decode(x)
+                h = recipe.hash()
+                base = {"eval_id": eval_id, "generation": gen, "genome": [float(v) for v in x], "recipe_hash": h}
+                if h in cache:
+                    hit = cache[h]
+                    entries[i] = {**base, "scores": hit["scores"], "fitness": hit["fitness"], "wall_s": 0.0,
+                                  "worker": None, "error": None, "cached": True}
+                    _record(rd, entries[i], bar)
+                    continue
+                if h not in waiting:
+                    recipes[h] = (recipe.to_dict(), base)
+                    pool.submit((h, 1), recipes[h][0])
+                waiting.setdefault(h, []).append(i)
+            while pool.pending:
+                out = pool.next_outcome()
+                h, attempt = out.tag
+                if out.result is None and attempt < MAX_ATTEMPTS:
+                    rd.log(f"generation {gen}: candidate {h} failed ({out.error}); running it again")
+                    pool.submit((h, attempt + 1), recipes[h][0])
+                    continue
+                r = out.result or {}
+                fitness = r.get("fitness")
+                error = out.error
+                if fitness is not None and not math.isfinite(fitness):
+                    fitness, error = None, f"non-finite fitness {fitness}"
+                for n, i in enumerate(waiting[h]):
+                    base = {**recipes[h][1], "eval_id": gen * o.popsize + i, "genome": [float(v) for v in genomes[i]]}
+                    entries[i] = {**base, "scores": r.get("scores"), "fitness": fitness, "wall_s": r.get("wall_s", 0.0) if n == 0 else 0.0,
+                                  "merge_s": r.get("merge_s"), "eval_s": r.get("eval_s"), "worker": r.get("worker"),
+                                  "error": error, "cached": n > 0}
+                    _record(rd, entries[i], bar)
+                if error is None:
+                    cache[h] = entries[waiting[h][0]]
+                    if best is None or fitness > best["fitness"]:
+                        best = entries[waiting[h][0]]
+                        atomic_write_text(rd.best, space.decode(np.array(best["genome"])).to_yaml())
+                        bar.set_postfix(gen=gen, best=f"{best['fitness']:.4f}")
+            # failures tell the optimizer the worst value seen (it maps NaN to that)
+            opt.tell(genomes, [e["fitness"] if e["fitness"] is not None else float("nan") for e in entries])
+            rd.save_checkpoint({"optimizer": opt.state_dict(), "generation": opt.generation})
+            rd.log(f"generation {gen} done: best {best['fitness'] if best else None}")
+        utilization = pool.usage.utilization(pool.size)
+    finally:
+        bar.close()
+        pool.close()
+    if best is None:
+        raise UserError("every candidate failed; see the errors in history.jsonl")
+    rd.log(f"search finished: best fitness {best['fitness']:.4f} (eval {best['eval_id']}), worker utilization {utilization:.0%}")
+    if progress:
+        print(f"best fitness {best['fitness']:.4f} at eval {best['eval_id']}; worker utilization {utilization:.0%}; best recipe: {rd.best}")
+    return rd.path
+
+
+def _record(rd: RunDir, entry: dict, bar) -> None:
+    rd.append(entry)
+    bar.update(1)

@@ -1,0 +1,200 @@
+"""Search configs: what to merge, which recipe parameters to search, how to score, how to run.
+
+Validated on load (unknown keys, bounds, population, tasks...) so that a bad
+config fails before a worker starts. Model paths are resolved to absolute
+paths, so the frozen copy in the run directory resumes from anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from ..errors import UserError
+from ..recipe import MERGE_SOURCE
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PSSpace(_Frozen):
+    """Parameter space: the kernel's tunable parameters, per source and per layer group."""
+
+    method: str = "task_arithmetic"
+    # parameter -> [low, high]; null takes the kernel's declared bounds. Default: every tunable parameter.
+    tune: Optional[dict[str, Optional[tuple[float, float]]]] = None
+    fixed: dict[str, Any] = {}  # parameters held constant (e.g. normalize: false)
+    layer_granularity: int = 1  # layers per gene group; 0 = one value for all layers
+    split_attn_mlp: bool = False  # separate genes for attention, MLP and the other tensors
+
+    @field_validator("layer_granularity")
+    @classmethod
+    def _gran(cls, v):
+        if v < 0:
+            raise ValueError("layer_granularity must be >= 0 (0 = one group for all layers)")
+        return v
+
+
+class DFSSpace(_Frozen):
+    """Data-flow space (Akiba et al. 2024): the sources' layers, repeated, each on or off, with an input scale.
+
+    Scales are one gene per candidate slot (r*M genes), not Akiba's M x M transition matrix.
+    """
+
+    sources: Optional[list[str]] = None  # default: every model, plus 'merge' when a PS space is given
+    repeats: int = 2
+    scale_bounds: tuple[float, float] = (0.5, 1.5)
+    embeddings: Optional[str] = None  # source of embeddings/head; default 'merge' with PS, else base_model
+
+    @field_validator("repeats")
+    @classmethod
+    def _rep(cls, v):
+        if v < 1:
+            raise ValueError("repeats must be >= 1")
+        return v
+
+    @field_validator("scale_bounds")
+    @classmethod
+    def _scales(cls, v):
+        if not 0 < v[0] < v[1]:
+            raise ValueError(f"scale_bounds {list(v)} must satisfy 0 < low < high (scales fold only when positive)")
+        return v
+
+
+class TermConfig(_Frozen):
+    task: str
+    metric: str = "acc"
+    weight: float = 1.0
+
+
+class FitnessConfig(_Frozen):
+    tasks: list[TermConfig]
+    limit: Optional[int] = None
+    batch_size: int = 64
+    task_path: Optional[str] = None  # directory of lm-eval task YAMLs; default: the repo's tasks/
+
+    @field_validator("tasks")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("fitness needs at least one task")
+        return v
+
+
+class OptimizerConfig(_Frozen):
+    backend: str = "cma"
+    popsize: int = 8
+    sigma0: float = 0.2
+    seed: int = 0
+    max_evals: int = 64
+
+    @field_validator("popsize")
+    @classmethod
+    def _pop(cls, v):
+        if v < 2:
+            raise ValueError(f"popsize {v} must be >= 2 (an evolution strategy needs a population)")
+        return v
+
+    @field_validator("max_evals")
+    @classmethod
+    def _evals(cls, v):
+        if v < 1:
+            raise ValueError("max_evals must be >= 1")
+        return v
+
+
+class WorkersConfig(_Frozen):
+    count: int = 2  # Ray actors; 0 runs in-process without Ray
+    gpus_per_worker: Union[Literal["auto"], float] = "auto"  # auto: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float = 1
+
+
+class SearchConfig(_Frozen):
+    name: Optional[str] = None
+    base_model: Optional[str] = None
+    models: list[str]
+    ps: Optional[PSSpace] = None
+    dfs: Optional[DFSSpace] = None
+    fitness: FitnessConfig
+    test: list[TermConfig] = []  # scored once at the end (held-out splits); never seen by the search
+    optimizer: OptimizerConfig = OptimizerConfig()
+    workers: WorkersConfig = WorkersConfig()
+
+    @model_validator(mode="after")
+    def _spaces(self):
+        if not self.models:
+            raise ValueError("models: list at least one model to merge")
+        if self.ps is None and self.dfs is None:
+            raise ValueError("give a 'ps' space, a 'dfs' space, or both")
+        if self.dfs is not None and self.dfs.sources:
+            known = set(self.models) | ({self.base_model} if self.base_model else set()) | ({MERGE_SOURCE} if self.ps else set())
+            bad = [s for s in self.dfs.sources if s not in known]
+            if bad:
+                raise ValueError(f"dfs.sources {bad} must be among models/base_model" + (" or 'merge'" if self.ps else ""))
+        if self.dfs is not None and self.ps is None and not (self.base_model or self.dfs.embeddings):
+            raise ValueError("a DFS-only search needs base_model or dfs.embeddings for the embeddings and head")
+        return self
+
+    def dfs_sources(self) -> list[str]:
+        if self.dfs is None:
+            return []
+        if self.dfs.sources:
+            return list(self.dfs.sources)
+        return ([MERGE_SOURCE] if self.ps else []) + list(self.models)
+
+    def model_refs(self) -> list[str]:
+        return list(dict.fromkeys(([self.base_model] if self.base_model else []) + list(self.models)))
+
+
+def _resolve(ref: str, base_dir: Path) -> str:
+    if ref == MERGE_SOURCE:
+        return ref
+    p = Path(ref).expanduser()
+    if not p.is_absolute():
+        p = p.resolve() if p.exists() or not (base_dir / p).exists() else (base_dir / p).resolve()
+    return str(p)
+
+
+def parse_search_config(data: Any, base_dir: Path, where: str = "config") -> SearchConfig:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a YAML mapping (see search_spaces/ for examples)")
+    try:
+        cfg = SearchConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        raise UserError(f"{where}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    mapping = {r: _resolve(r, base_dir) for r in cfg.model_refs()}
+    update: dict[str, Any] = {"models": [mapping[m] for m in cfg.models]}
+    if cfg.base_model:
+        update["base_model"] = mapping[cfg.base_model]
+    if cfg.dfs is not None:
+        dfs_update = {}
+        if cfg.dfs.sources:
+            dfs_update["sources"] = [mapping.get(s, s) for s in cfg.dfs.sources]
+        if cfg.dfs.embeddings:
+            dfs_update["embeddings"] = mapping.get(cfg.dfs.embeddings, _resolve(cfg.dfs.embeddings, base_dir))
+        update["dfs"] = cfg.dfs.model_copy(update=dfs_update)
+    if cfg.fitness.task_path:
+        update["fitness"] = cfg.fitness.model_copy(update={"task_path": _resolve(cfg.fitness.task_path, base_dir)})
+    return cfg.model_copy(update=update)
+
+
+def load_search_config(path: str | Path) -> SearchConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"search config {str(path)!r} not found (shipped examples: search_spaces/*.yaml)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    return parse_search_config(data, path.resolve().parent, where=str(path))
+
+
+def config_to_yaml(cfg: SearchConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,193 @@
+"""Build the toy model family: a base, one specialist per skill, checkpoints along one fine-tune.
+
+Layout of the output directory (every model dir is an ordinary HF dir with its tokenizer)::
+
+    base/  rev/  sft/  srt/  rev_ckpt/step100/ ...  zoo.json
+
+``zoo.json`` holds the settings and their hash; a second call with the same settings
+returns at once. The zoo is written to a temporary sibling directory and renamed into
+place, so an interrupted build leaves nothing half-written under ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from transformers.utils import logging as hf_logging
+
+from evomerge.errors import UserError, nearest
+from evomerge.zoo.data import BASE_MIXTURE, SKILLS, specialist_mixture
+from evomerge.zoo.tokenizer import build_tokenizer
+from evomerge.zoo.train import ModelShape, Schedule, init_model, make_config, train
+
+ZOO_FORMAT = 1  # bump when the data or training code changes what a setting produces
+MANIFEST = "zoo.json"
+DEFAULT_DIR = Path("runs/zoo")
+
+
+@dataclass(frozen=True)
+class ZooSettings:
+    seed: int
+    preset: str
+    shape: ModelShape
+    base: Schedule
+    specialist: Schedule
+    own_share: float  # share of the specialist's own skill; the rest replays the base mixture
+    skills: tuple[str, ...]
+    checkpoint_skill: str
+    checkpoint_steps: tuple[int, ...]
+
+    def digest(self) -> str:
+        blob = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, ZooSettings] = {
+    "default": ZooSettings(
+        seed=0,
+        preset="default",
+        shape=ModelShape(hidden=128, layers=4, intermediate=384, heads=4),
+        base=Schedule(steps=3500, lr=3e-3, warmup=100, batch_size=64),
+        specialist=Schedule(steps=300, lr=1e-3, warmup=100, batch_size=64),
+        own_share=0.5,
+        skills=tuple(SKILLS),
+        checkpoint_skill="rev",
+        checkpoint_steps=(100, 200, 300),
+    ),
+    # Seconds, for tests: same layout, untrained-quality models.
+    "tiny": ZooSettings(
+        seed=0,
+        preset="tiny",
+        shape=ModelShape(hidden=32, layers=2, intermediate=64, heads=2),
+        base=Schedule(steps=30, lr=3e-3, warmup=5, batch_size=16),
+        specialist=Schedule(steps=10, lr=1e-3, warmup=2, batch_size=16),
+        own_share=0.5,
+        skills=tuple(SKILLS),
+        checkpoint_skill="rev",
+        checkpoint_steps=(5, 10),
+    ),
+}
+
+
+def zoo_settings(preset: str = "default", seed: int = 0) -> ZooSettings:
+    if preset not in PRESETS:
+        raise UserError(f"unknown zoo preset {preset!r}{nearest(preset, PRESETS)}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[preset], seed=seed)
+
+
+def checkpoint_dir(skill: str, step: int) -> str:
+    return f"{skill}_ckpt/step{step}"
+
+
+def read_manifest(zoo_dir: str | Path) -> dict | None:
+    path = Path(zoo_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _is_complete(zoo_dir: Path, manifest: dict | None, digest: str) -> bool:
+    if manifest is None or manifest.get("hash") != digest:
+        return False
+    dirs = list(manifest["models"].values()) + [d for ds in manifest["checkpoints"].values() for d in ds]
+    return all((zoo_dir / d / "config.json").is_file() for d in dirs)
+
+
+def build_zoo(
+    out_dir: str | Path = DEFAULT_DIR, seed: int = 0, preset: str = "default", progress: bool = True
+) -> Path:
+    """Build (or find cached) the zoo under ``out_dir``; returns its path."""
+    settings = zoo_settings(preset, seed)
+    digest = settings.digest()
+    out = Path(out_dir)
+    if _is_complete(out, read_manifest(out), digest):
+        return out
+    if out.exists() and any(out.iterdir()) and read_manifest(out) is None:
+        raise UserError(f"{out} exists and is not a zoo (no {MANIFEST}); pass an empty or new directory")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        manifest = _train_all(settings, tmp, progress)
+        manifest["hash"] = digest
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace ``out`` (an older zoo, if any) by ``tmp`` with renames only."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-save "Writing model shards" bar; our own bar shows progress."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _train_all(settings: ZooSettings, root: Path, progress: bool) -> dict:
+    started = time.perf_counter()
+    tokenizer = build_tokenizer()
+    base = init_model(make_config(settings.shape, tokenizer), settings.seed)
+
+    def save(model, rel: str) -> None:
+        with _quiet_transformers():
+            model.save_pretrained(root / rel)
+        tokenizer.save_pretrained(root / rel)
+
+    losses = {}
+    rng = np.random.default_rng([settings.seed, 0])
+    losses["base"] = train(base, tokenizer, BASE_MIXTURE, settings.base, rng, "zoo base", progress=progress)
+    save(base, "base")
+
+    checkpoints: dict[str, list[str]] = {}
+    for i, skill in enumerate(settings.skills, start=1):
+        model = copy.deepcopy(base)
+        ckpts: list[str] = []
+
+        def maybe_checkpoint(step: int, skill=skill, model=model, ckpts=ckpts) -> None:
+            if skill == settings.checkpoint_skill and step in settings.checkpoint_steps:
+                ckpts.append(checkpoint_dir(skill, step))
+                save(model, ckpts[-1])
+
+        rng = np.random.default_rng([settings.seed, i])
+        mixture = specialist_mixture(skill, settings.own_share)
+        losses[skill] = train(
+            model, tokenizer, mixture, settings.specialist, rng, f"zoo {skill}", maybe_checkpoint, progress
+        )
+        save(model, skill)
+        if ckpts:
+            checkpoints[skill] = ckpts
+
+    return {
+        "settings": asdict(settings),
+        "format": ZOO_FORMAT,
+        "models": {"base": "base", **{s: s for s in settings.skills}},
+        "checkpoints": checkpoints,
+        "final_loss": {k: float(np.mean(v[-50:])) for k, v in losses.items()},
+        "build_s": round(time.perf_counter() - started, 1),
+    }

@@ -1,0 +1,171 @@
+"""Deterministic examples for the toy zoo: skills, text formats, eval splits, training batches.
+
+Each skill works on its own alphabet, so that a specialist cannot learn "any short prompt ->
+my operation": the alphabet of the input tells the skills apart, which is what lets their
+task vectors add up in a merge instead of fighting over the same prompts.
+
+Two text formats exist. The base model learns every skill in the verbose format
+(``rev abc=cba``) and only copying in the short one (``c:abc>abc``); each specialist learns
+its own skill in the short format (``r:abc>cba``). The lm-eval tasks ask in the short format.
+
+The eval splits come from a fixed seed, independent of the zoo seed, and their inputs are
+never used for training: the committed ``tasks/data/*.jsonl`` files are
+``write_task_data(...)``'s output, and a test checks they still match.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+EVAL_SEED = 20240611  # fixed: the task files must not depend on the zoo seed
+EVAL_SIZE = 200  # examples per skill and split
+MIN_LEN, MAX_LEN = 3, 5  # input string lengths, inclusive
+SPLITS = ("search", "test")
+
+
+@dataclass(frozen=True)
+class Skill:
+    """One string operation with its two spellings and its own input alphabet."""
+
+    name: str
+    verbose_tag: str
+    short_tag: str
+    alphabet: str
+    apply: Callable[[str], str]
+
+    def verbose(self, x: str) -> str:
+        return f"{self.verbose_tag} {x}={self.apply(x)}"
+
+    def short_prompt(self, x: str) -> str:
+        return f"{self.short_tag}:{x}>"
+
+    def short(self, x: str) -> str:
+        return self.short_prompt(x) + self.apply(x)
+
+
+def _shift(x: str) -> str:
+    return "".join(str((int(c) + 1) % 10) for c in x)
+
+
+SKILLS: dict[str, Skill] = {
+    s.name: s
+    for s in (
+        Skill("rev", "rev", "r", "abcdefgh", lambda x: x[::-1]),
+        Skill("sft", "sft", "s", "0123456789", _shift),
+        Skill("srt", "srt", "o", "qrstuvwx", lambda x: "".join(sorted(x))),
+    )
+}
+# Copying runs over the skills' alphabets so the short format exists in the base for every
+# input the tasks will show, just not with the skills' own operations.
+COPY = Skill("cpy", "cpy", "c", "", lambda x: x)
+CHARSET = " :=>0123456789abcdefghijklmnopqrstuvwxyz"  # every character any example uses
+
+
+def random_input(rng: np.random.Generator, alphabet: str) -> str:
+    n = int(rng.integers(MIN_LEN, MAX_LEN + 1))
+    return "".join(alphabet[i] for i in rng.integers(0, len(alphabet), size=n))
+
+
+@cache
+def _eval_inputs(skill: str) -> tuple[str, ...]:
+    """2 * EVAL_SIZE distinct inputs: the first half is the search split, the rest the test split."""
+    rng = np.random.default_rng([EVAL_SEED, sorted(SKILLS).index(skill)])
+    seen: dict[str, None] = {}  # ordered set
+    while len(seen) < 2 * EVAL_SIZE:
+        seen.setdefault(random_input(rng, SKILLS[skill].alphabet))
+    return tuple(seen)
+
+
+def eval_examples(skill: str, split: str) -> list[dict[str, str]]:
+    """The lm-eval docs of one skill and split: ``{"input", "prompt", "answer"}``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    inputs = _eval_inputs(skill)
+    half = inputs[:EVAL_SIZE] if split == "search" else inputs[EVAL_SIZE:]
+    s = SKILLS[skill]
+    return [{"input": x, "prompt": s.short_prompt(x), "answer": s.apply(x)} for x in half]
+
+
+@cache
+def _held_out() -> frozenset[str]:
+    return frozenset(x for name in SKILLS for x in _eval_inputs(name))
+
+
+# A mixture component is (skill name or "cpy", "verbose" | "short").
+Component = tuple[str, str]
+BASE_MIXTURE: tuple[tuple[Component, float], ...] = (
+    (("rev", "verbose"), 0.2),
+    (("sft", "verbose"), 0.2),
+    (("srt", "verbose"), 0.2),
+    (("cpy", "verbose"), 0.2),
+    (("cpy", "short"), 0.2),
+)
+
+
+def specialist_mixture(skill: str, own_share: float = 0.5) -> tuple[tuple[Component, float], ...]:
+    """Own skill in the short format, the rest replay of the base mixture (keeps the base's skills)."""
+    replay = tuple((c, w * (1.0 - own_share)) for c, w in BASE_MIXTURE)
+    return (((skill, "short"), own_share),) + replay
+
+
+def sample_text(rng: np.random.Generator, component: Component) -> str:
+    name, fmt = component
+    if name == COPY.name:
+        skill = COPY
+        alphabet = SKILLS[sorted(SKILLS)[int(rng.integers(len(SKILLS)))]].alphabet
+    else:
+        skill = SKILLS[name]
+        alphabet = skill.alphabet
+    while True:
+        x = random_input(rng, alphabet)
+        # Copies of held-out inputs reveal no answer; any skill example of one would.
+        if skill is COPY or x not in _held_out():
+            break
+    return skill.verbose(x) if fmt == "verbose" else skill.short(x)
+
+
+def sample_batch(
+    rng: np.random.Generator, mixture: Sequence[tuple[Component, float]], size: int
+) -> list[str]:
+    weights = np.array([w for _, w in mixture], dtype=float)
+    picks = rng.choice(len(mixture), size=size, p=weights / weights.sum())
+    return [sample_text(rng, mixture[int(i)][0]) for i in picks]
+
+
+def task_data_files() -> dict[str, list[dict[str, str]]]:
+    """File name (``<skill>_<split>.jsonl``) -> its docs, for every skill and split."""
+    return {
+        f"{skill}_{split}.jsonl": eval_examples(skill, split)
+        for skill in SKILLS
+        for split in SPLITS
+    }
+
+
+def render_jsonl(docs: list[dict[str, str]]) -> str:
+    return "".join(json.dumps(d, sort_keys=True) + "\n" for d in docs)
+
+
+def write_task_data(data_dir: str | Path) -> list[Path]:
+    """Write every split's jsonl under ``data_dir`` (the repo's ``tasks/data``)."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, docs in task_data_files().items():
+        path = data_dir / name
+        path.write_text(render_jsonl(docs), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "tasks" / "data"
+    for p in write_task_data(target):
+        print(p)

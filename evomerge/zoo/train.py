@@ -1,0 +1,108 @@
+"""The zoo's model shape and training loop (AdamW, linear warm-up, cosine decay, CPU)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from evomerge.zoo.data import Component, sample_batch
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int = 128
+    layers: int = 4
+    intermediate: int = 384
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int
+    lr: float
+    warmup: int
+    batch_size: int
+
+
+def make_config(shape: ModelShape, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def init_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    # transformers initialises from the global torch RNG; fork it so the seed stays local.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float()
+
+
+def encode(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """BOS + text + EOS, right-padded; padding is masked out of attention and loss."""
+    rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(texts))["input_ids"]]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    labels = input_ids.masked_fill(mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def lr_factor(step: int, schedule: Schedule) -> float:
+    if step < schedule.warmup:
+        return (step + 1) / schedule.warmup
+    progress = (step - schedule.warmup) / max(1, schedule.steps - schedule.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    mixture: Sequence[tuple[Component, float]],
+    schedule: Schedule,
+    rng: np.random.Generator,
+    desc: str,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """Train in place; ``on_step(k)`` runs after the k-th step (1-based). Returns the losses."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, schedule))
+    losses: list[float] = []
+    bar = tqdm(range(1, schedule.steps + 1), desc=desc, disable=not progress)
+    for step in bar:
+        batch = encode(tokenizer, sample_batch(rng, mixture, schedule.batch_size))
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        if on_step is not None:
+            on_step(step)
+    model.eval()
+    return losses

@@ -1,0 +1,93 @@
+"""Tiny real models, made in fixtures: Llama, Qwen2 and GPT-2 families.
+
+Each family is a random base plus fine-tunes (base + small random deltas), saved
+as ordinary HF directories with safetensors weights and a tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+VOCAB = 48
+
+
+def tiny_config(arch: str, layers: int = 3):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1)
+    raise ValueError(arch)
+
+
+def save_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1").save_pretrained(path)
+
+
+def make_model(path: Path, arch: str = "llama", seed: int = 0, base: Path | None = None, delta: float = 0.02,
+               layers: int = 3, dtype: torch.dtype = torch.float32) -> Path:
+    """A random model, or a 'fine-tune' of ``base`` (base + delta * noise)."""
+    from transformers import AutoModelForCausalLM
+
+    gen = torch.Generator().manual_seed(seed)
+    if base is not None:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(delta * torch.randn(p.shape, generator=gen))
+    else:
+        model = AutoModelForCausalLM.from_config(tiny_config(arch, layers))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+                elif "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
+                    # O(1) hidden states, as in real models: the norms' epsilon stays negligible
+                    p.copy_(torch.randn(p.shape, generator=gen))
+                else:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    model.to(dtype).save_pretrained(path, safe_serialization=True)
+    save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """Per architecture: {'base', 'a', 'b'} model dirs."""
+    root = tmp_path_factory.mktemp("family")
+    out = {}
+    for i, arch in enumerate(("llama", "qwen2", "gpt2")):
+        base = make_model(root / f"{arch}_base", arch, seed=10 * i)
+        out[arch] = {
+            "base": base,
+            "a": make_model(root / f"{arch}_a", arch, seed=10 * i + 1, base=base),
+            "b": make_model(root / f"{arch}_b", arch, seed=10 * i + 2, base=base),
+        }
+    return out
+
+
+def write_yaml(path: Path, data) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
