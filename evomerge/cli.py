@@ -15,6 +15,9 @@ from pathlib import Path
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Library progress bars (lm-eval per evaluation, transformers per load) drown the search's own;
+# ours pass `disable=` explicitly, which this default does not override.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 from .errors import UserError  # noqa: E402
 
@@ -28,6 +31,65 @@ def cmd_merge(args) -> int:
                   seed=args.seed, force=args.force, dry_run=args.dry_run, progress=not args.quiet)
     if not args.dry_run:
         print(f"wrote {args.out_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .fitness.evaluator import Evaluator
+    from .fitness.terms import parse_terms
+
+    evaluator = Evaluator(parse_terms(args.tasks, metric=args.metric), args.task_path, args.limit, args.batch_size, args.device)
+    result = evaluator.score_dir(args.model_dir)
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from .zoo.build import DEFAULT_DIR, build_zoo
+
+    out = build_zoo(args.out_dir or DEFAULT_DIR, seed=args.seed, preset=args.preset, progress=not args.quiet)
+    print(f"zoo ready in {out}")
+    return 0
+
+
+def _overrides(args):
+    from .run.search import Overrides
+
+    return Overrides(max_evals=args.max_evals, workers=args.workers, seed=args.seed, ray_address=args.ray_address)
+
+
+def cmd_search(args) -> int:
+    from .run import search
+
+    if args.resume:
+        if not args.run_dir:
+            raise UserError("--resume needs --run-dir (the run to continue)")
+        search.resume(args.run_dir, args.config, args.ray_address, progress=not args.quiet)
+    else:
+        search.start(args.config, args.run_dir, _overrides(args), progress=not args.quiet)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from .run import search
+
+    search.resume(args.run_dir, None, args.ray_address, progress=not args.quiet)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .run.export import export
+
+    text = export(args.run_dir, args.out, args.format, args.model, args.device, args.force)
+    if not args.out:
+        print(text, end="")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .run.report import summarize
+
+    print(summarize(args.run_dir, plot=not args.no_plot))
     return 0
 
 
@@ -45,10 +107,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (sources, tensors, bytes, peak memory) and write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("eval", help="score a model directory with lm-eval tasks")
+    p.add_argument("model_dir")
+    p.add_argument("--tasks", required=True, help="comma-separated task[:metric[:weight]] list, e.g. rev_test,sft_test")
+    p.add_argument("--task-path", default=None, help="folder of task YAMLs (default: the repo's tasks/)")
+    p.add_argument("--limit", type=float, default=None, help="score only the first N documents of each task")
+    p.add_argument("--metric", default="acc", help="metric for tasks named without one (default acc)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help='print {"scores": ..., "fitness": ...} as one JSON object')
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("zoo", help="the toy model family that makes the default search work offline")
+    zsub = p.add_subparsers(dest="zoo_verb", required=True)
+    z = zsub.add_parser("build", help="train (or find cached) the zoo")
+    z.add_argument("out_dir", nargs="?", default=None, help="default runs/zoo")
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--preset", default="default", help="default, or tiny (seconds; for tests)")
+    z.add_argument("--quiet", action="store_true")
+    z.set_defaults(func=cmd_zoo)
+
+    for verb, text in (("search", "run an evolutionary search from a config"),):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("config", help="search config YAML (see search_spaces/)")
+        p.add_argument("--run-dir", default=None, help="default runs/<config name>")
+        p.add_argument("--max-evals", type=int, default=None)
+        p.add_argument("--workers", type=int, default=None, help="Ray workers; 0 runs in-process without Ray")
+        p.add_argument("--ray-address", default=None, help="join a running cluster (e.g. auto after `ray start --head`)")
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (the config must match)")
+        p.add_argument("--quiet", action="store_true")
+        p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("resume", help="continue a search after a crash or stop")
+    p.add_argument("run_dir")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("export", help="the best recipe of a run as YAML (and optionally a merged model)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="write the YAML here (default: print it)")
+    p.add_argument("--format", default="evomerge", help="evomerge or mergekit (PS recipes only)")
+    p.add_argument("--model", default=None, help="also merge the recipe into this model directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --model directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="summarize a run: per-generation table, test results, fitness plot")
+    p.add_argument("run_dir")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes are not for our users
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TQDM_DISABLE", "1")  # library bars; ours pass disable= explicitly
 
 VOCAB = 48
 
@@ -91,3 +92,26 @@ def write_yaml(path: Path, data) -> Path:
 
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The zoo's tiny preset (seconds): real char-level Llamas with the zoo's tasks, not trained to skill."""
+    from evomerge.zoo.build import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", preset="tiny", progress=False)
+
+
+def search_config(zoo: Path, path: Path, **over) -> Path:
+    """A small search config over the tiny zoo; ``over`` replaces top-level sections."""
+    data = {
+        "base_model": str(zoo / "base"),
+        "models": [str(zoo / "rev"), str(zoo / "sft")],
+        "ps": {"method": "task_arithmetic", "layer_granularity": 2},
+        "fitness": {"tasks": [{"task": "rev_search", "metric": "logprob"}, {"task": "sft_search", "metric": "logprob"}], "limit": 6},
+        "test": [{"task": "rev_test"}, {"task": "sft_test"}],
+        "optimizer": {"popsize": 4, "max_evals": 12, "seed": 0},
+        "workers": {"count": 0},
+    }
+    data.update(over)
+    return write_yaml(path, data)

@@ -34,7 +34,8 @@ def merge(
                 "make them sum to a nonzero value or set normalize: false"
             )
         weights = [w / total for w in weights]
-    out = tensors[0].to(torch.float32) * weights[0]
+    out = tensors[0].to(torch.float32, copy=True)  # the one full-size allocation
+    out.mul_(weights[0])
     for x, w in zip(tensors[1:], weights[1:]):
         out.add_(x, alpha=w)  # promotes bf16/fp16 to float32 on the fly, no copy
     return out

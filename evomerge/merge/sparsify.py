@@ -16,6 +16,8 @@ first when both do not fit. Ties at a threshold are all kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,36 +31,61 @@ _DIRECT_SELECT_MAX = 1 << 18  # kthvalue is cheap enough below this many element
 _SAMPLE_SIZE = 1 << 16
 
 
-def kth_smallest(values: Tensor, rank: int) -> Tensor:
-    """The ``rank``-th smallest (1-based) entry of a flat tensor, exactly, in O(n).
+@dataclass(frozen=True)
+class Ranked:
+    """Read access to n values for selection, so the values need not be materialized
+    (the task-vector kernel computes |source - base| on the fly, in fused passes)."""
 
-    ``torch.kthvalue`` on millions of entries costs several elementwise passes'
-    worth of time, so a strided sample first brackets the answer, two counting passes
-    confirm the bracket, and kthvalue runs only on the few entries inside it. A
-    bracket the sample got wrong falls back to kthvalue on everything.
+    n: int
+    device: torch.device
+    strided: Callable[[int], Tensor]  # every step-th value
+    count_below: Callable[[Tensor], int]  # how many values are < lo
+    between: Callable[[Tensor, Tensor], Tensor]  # the values in [lo, hi], any order
+    everything: Callable[[], Tensor]  # all values, flat
+
+
+def ranked_values(values: Tensor) -> Ranked:
+    """``Ranked`` access to a tensor of values."""
+    flat = values.reshape(-1)
+    return Ranked(
+        n=flat.numel(),
+        device=flat.device,
+        strided=lambda step: flat[::step],
+        # count_nonzero, not sum: summing a bool tensor widens it to int64 (10x slower)
+        count_below=lambda lo: int(torch.count_nonzero(flat < lo)),
+        between=lambda lo, hi: flat[(flat >= lo) & (flat <= hi)],
+        everything=lambda: flat,
+    )
+
+
+def kth_smallest(values: Ranked, rank: int) -> Tensor:
+    """The ``rank``-th smallest (1-based) of the values, exactly, in O(n), as a 0-dim tensor.
+
+    ``torch.kthvalue`` on millions of entries costs many elementwise passes' worth of
+    time, so a strided sample first brackets the answer, a counting pass and an
+    extraction pass confirm the bracket, and kthvalue runs only on the few values
+    inside it. A bracket the sample got wrong falls back to kthvalue on everything.
     """
-    n = values.numel()
+    n = values.n
     if not 1 <= rank <= n:
         raise ValueError(f"rank {rank} outside 1..{n}")
     if n <= _DIRECT_SELECT_MAX:
-        return torch.kthvalue(values, rank).values
-    sample = values[:: n // _SAMPLE_SIZE].sort().values
+        return torch.kthvalue(values.everything(), rank).values
+    sample = values.strided(n // _SAMPLE_SIZE).sort().values
     m = sample.numel()
     p = rank / n
     margin = int(4.0 * math.sqrt(m * p * (1.0 - p))) + 16
     lo_at = math.floor(p * (m - 1)) - margin
     hi_at = math.ceil(p * (m - 1)) + margin
-    lo = sample[lo_at] if lo_at > 0 else values.new_tensor(-math.inf)
-    hi = sample[hi_at] if hi_at < m - 1 else values.new_tensor(math.inf)
-    below = values < lo
-    inside = values <= hi
-    inside &= ~below
-    n_below, n_inside = int(below.sum()), int(inside.sum())
-    if not n_below < rank <= n_below + n_inside:
-        return torch.kthvalue(values, rank).values
+    lo = sample[lo_at] if lo_at > 0 else sample.new_tensor(-math.inf)
+    hi = sample[hi_at] if hi_at < m - 1 else sample.new_tensor(math.inf)
+    n_below = values.count_below(lo) if lo_at > 0 else 0
+    inside = values.between(lo, hi)
+    if not n_below < rank <= n_below + inside.numel():
+        return torch.kthvalue(values.everything(), rank).values
     if bool(lo == hi):
         return lo
-    return torch.kthvalue(values[inside], rank - n_below).values
+    return torch.kthvalue(inside, rank - n_below).values
 
 
 def sorted_abs_delta(source: Tensor, base: Tensor) -> Tensor:
@@ -69,51 +96,56 @@ def sorted_abs_delta(source: Tensor, base: Tensor) -> Tensor:
 
 def abs_delta(source: Tensor, base: Tensor) -> Tensor:
     """|source - base| flattened, in float32 (the values the magnitude rules rank)."""
-    delta = source.reshape(-1).to(torch.float32) - base.reshape(-1).to(torch.float32)
+    delta = source.reshape(-1).to(torch.float32, copy=True)
+    delta.sub_(base.reshape(-1))  # in place, promoting a bf16 base on the fly: one allocation
     return delta.abs_()
 
 
-def _order_stat(abs_values: Tensor | None, sorted_abs: Tensor | None, rank: int) -> Tensor:
+def _ranked(delta: Tensor | None, sorted_abs: Tensor | None) -> Ranked | Tensor:
     if sorted_abs is not None:
-        return sorted_abs[rank - 1].to(torch.float32)
-    return kth_smallest(abs_values, rank)
-
-
-def _numel(delta: Tensor | None, sorted_abs: Tensor | None) -> int:
-    if delta is None and sorted_abs is None:
+        if delta is not None and delta.numel() != sorted_abs.numel():
+            raise ValueError(f"sorted_abs has {sorted_abs.numel()} entries, delta {delta.numel()}")
+        return sorted_abs
+    if delta is None:
         raise ValueError("need the delta or its sorted_abs")
-    if delta is not None and sorted_abs is not None and delta.numel() != sorted_abs.numel():
-        raise ValueError(f"sorted_abs has {sorted_abs.numel()} entries, delta {delta.numel()}")
-    return (sorted_abs if delta is None else delta).numel()
+    return delta if isinstance(delta, Ranked) else ranked_values(delta.reshape(-1).to(torch.float32).abs())
 
 
-def _flat_abs(delta: Tensor | None, sorted_abs: Tensor | None) -> Tensor | None:
-    return None if sorted_abs is not None else delta.reshape(-1).to(torch.float32).abs()
+def _order_stat(source: Ranked | Tensor, rank: int) -> Tensor:
+    if isinstance(source, Ranked):
+        return kth_smallest(source, rank)
+    return source[rank - 1].to(torch.float32)  # a sorted_abs
+
+
+def _size(source: Ranked | Tensor) -> tuple[int, torch.device]:
+    return (source.n, source.device) if isinstance(source, Ranked) else (source.numel(), source.device)
 
 
 def magnitude_threshold(
-    delta: Tensor | None, density: float, sorted_abs: Tensor | None = None
+    delta: Tensor | Ranked | None, density: float, sorted_abs: Tensor | None = None
 ) -> Tensor:
     """The k-th largest |delta| (k = int(density * numel)) as a 0-dim float32 tensor:
     keeping |delta| >= it keeps the k largest. 0 for density >= 1 (keep all), inf for
-    k = 0 (keep none). ``delta`` may be None when ``sorted_abs`` is given."""
-    n = _numel(delta, sorted_abs)
-    device = (sorted_abs if delta is None else delta).device
+    k = 0 (keep none). ``delta`` may be None when ``sorted_abs`` is given, or ``Ranked``
+    access to |delta|."""
+    source = _ranked(delta, sorted_abs)
+    n, device = _size(source)
     k = int(density * n)
     if density >= 1 or k >= n:
         return torch.zeros((), device=device)
     if k == 0:
         return torch.full((), math.inf, device=device)
-    return _order_stat(_flat_abs(delta, sorted_abs), sorted_abs, n - k + 1)
+    return _order_stat(source, n - k + 1)
 
 
 def breadcrumbs_band(
-    delta: Tensor | None, density: float, gamma: float, sorted_abs: Tensor | None = None
+    delta: Tensor | Ranked | None, density: float, gamma: float, sorted_abs: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(lo, hi) such that keeping lo <= |delta| <= hi drops the n_top largest and the
-    n_bot smallest entries (mergekit's rule; see the module docstring)."""
-    n = _numel(delta, sorted_abs)
-    device = (sorted_abs if delta is None else delta).device
+    n_bot smallest entries (mergekit's rule; see the module docstring). Arguments as
+    for ``magnitude_threshold``."""
+    source = _ranked(delta, sorted_abs)
+    n, device = _size(source)
     inf = torch.full((), math.inf, device=device)
     target = int(density * n)
     if density >= 1:
@@ -125,9 +157,8 @@ def breadcrumbs_band(
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
-    abs_values = _flat_abs(delta, sorted_abs)
-    lo = _order_stat(abs_values, sorted_abs, n_bot + 1) if n_bot else torch.zeros((), device=device)
-    hi = _order_stat(abs_values, sorted_abs, n - n_top) if n_top else inf
+    lo = _order_stat(source, n_bot + 1) if n_bot else torch.zeros((), device=device)
+    hi = _order_stat(source, n - n_top) if n_top else inf
     return lo, hi
 
 

@@ -103,14 +103,39 @@ def _keep_rule(
         if densities[i] >= 1:
             continue
         sorted_abs = mp.get(SORTED_ABS)
-        delta = None if sorted_abs is not None else sparsify.abs_delta(x, flat_base)
+        magnitudes = None if sorted_abs is not None else _ranked_abs_delta(x, flat_base)
         if sparsification == "magnitude":
-            lo[i] = sparsify.magnitude_threshold(delta, densities[i], sorted_abs)
+            lo[i] = sparsify.magnitude_threshold(magnitudes, densities[i], sorted_abs)
         elif sparsification == "magnitude_outliers":
-            lo[i], hi[i] = sparsify.breadcrumbs_band(delta, densities[i], float(mp["gamma"]), sorted_abs)
+            lo[i], hi[i] = sparsify.breadcrumbs_band(magnitudes, densities[i], float(mp["gamma"]), sorted_abs)
         else:
             raise ValueError(f"unknown sparsification {sparsification!r}; known: {SPARSIFICATIONS}")
     return "band", lo, hi, keys, cutoffs
+
+
+def _ranked_abs_delta(x: Tensor, base: Tensor) -> sparsify.Ranked:
+    """|x - base| for selection, computed on the fly in fused passes, never stored whole."""
+
+    def between(lo: Tensor, hi: Tensor) -> Tensor:
+        # Chunk by chunk: a full-size mask would cost more than the whole selection.
+        parts = []
+        for start, stop in _chunks(base.numel()):
+            magnitudes = (x[start:stop].to(_F32) - base[start:stop].to(_F32)).abs()
+            parts.append(magnitudes[sparsify.band_keep(magnitudes, lo, hi)])
+        return torch.cat(parts)
+
+    return sparsify.Ranked(
+        n=base.numel(),
+        device=base.device,
+        strided=lambda step: (x[::step].to(_F32) - base[::step].to(_F32)).abs(),
+        count_below=lambda lo: int(_reduce(_count_below, base, [x], lo)[0]),
+        between=between,
+        everything=lambda: sparsify.abs_delta(x, base),
+    )
+
+
+def _count_below(base: Tensor, xs: Sequence[Tensor], lo: Tensor, *, offset: int) -> Tensor:
+    return torch.count_nonzero((xs[0].to(_F32) - base.to(_F32)).abs() < lo).reshape(1)
 
 
 def _rescales(

@@ -24,6 +24,7 @@ from ..optim.registry import make_optimizer
 from ..space.codec import SearchSpace
 from ..space.config import SearchConfig, config_to_yaml, load_search_config
 from ..workers.pool import make_pool
+from .final import format_table, score_table
 from .rundir import RunDir
 
 MAX_ATTEMPTS = 3  # a candidate that fails this often is recorded as failed and the search goes on
@@ -77,9 +78,19 @@ def start(config_path: str, run_dir: str | None, overrides: Overrides, progress:
         raise UserError(f"run directory {rd.path} already exists; resume it with `evomerge resume {rd.path}` or pass another --run-dir")
     build_space(cfg)
     check_tasks(cfg)
-    rd.create(cfg)
+    pool = _make_pool(cfg, overrides.ray_address)  # GPUs and CPUs are checked before anything is written
+    try:
+        rd.create(cfg)
+    except BaseException:
+        pool.close()
+        raise
     rd.log(f"search started from {config_path}")
-    return run(rd, overrides.ray_address, progress)
+    return run(rd, overrides.ray_address, progress, pool)
+
+
+def _make_pool(cfg: SearchConfig, ray_address: str | None):
+    w = cfg.workers
+    return make_pool(cfg.model_dump(mode="json"), w.count, w.gpus_per_worker, w.cpus_per_worker, ray_address)
 
 
 def resume(run_dir: str, config_path: str | None = None, ray_address: str | None = None, progress: bool = True) -> Path:
@@ -106,7 +117,7 @@ def _diff(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
 
 
-def run(rd: RunDir, ray_address: str | None = None, progress: bool = True) -> Path:
+def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=None) -> Path:
     cfg = rd.load_config()
     space = build_space(cfg)
     o = cfg.optimizer
@@ -120,7 +131,7 @@ def run(rd: RunDir, ray_address: str | None = None, progress: bool = True) -> Pa
     best = max((e for e in history if e.get("fitness") is not None), key=lambda e: e["fitness"], default=None)
     generations = math.ceil(o.max_evals / o.popsize)
 
-    pool = make_pool(cfg.model_dump(mode="json"), cfg.workers.count, cfg.workers.gpus_per_worker, cfg.workers.cpus_per_worker, ray_address)
+    pool = pool or _make_pool(cfg, ray_address)
     bar = tqdm(total=generations * o.popsize, initial=min(len(done), generations * o.popsize), desc="search",
                unit="cand", disable=not progress, dynamic_ncols=True)
     try:
@@ -177,14 +188,24 @@ def run(rd: RunDir, ray_address: str | None = None, progress: bool = True) -> Pa
             rd.save_checkpoint({"optimizer": opt.state_dict(), "generation": opt.generation})
             rd.log(f"generation {gen} done: best {best['fitness'] if best else None}")
         utilization = pool.usage.utilization(pool.size)
+        bar.close()
+        if best is None:
+            raise UserError("every candidate failed; see the errors in history.jsonl")
+        summary = (f"best fitness {best['fitness']:.4f} at eval {best['eval_id']}; "
+                   f"worker utilization {utilization:.0%}; best recipe: {rd.best}")
+        rd.log(summary)
+        if progress:
+            print(summary)
+        if cfg.test:
+            order, results = score_table(pool, cfg, space.decode(np.array(best["genome"])))
+            table = format_table(cfg, order, results)
+            atomic_write_text(rd.results, f"# {rd.path.name}: test split\n\n{table}\n\n{summary}\n")
+            rd.log("test-split table written to results.md")
+            if progress:
+                print(table)
     finally:
         bar.close()
         pool.close()
-    if best is None:
-        raise UserError("every candidate failed; see the errors in history.jsonl")
-    rd.log(f"search finished: best fitness {best['fitness']:.4f} (eval {best['eval_id']}), worker utilization {utilization:.0%}")
-    if progress:
-        print(f"best fitness {best['fitness']:.4f} at eval {best['eval_id']}; worker utilization {utilization:.0%}; best recipe: {rd.best}")
     return rd.path
 
 

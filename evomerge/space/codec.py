@@ -90,8 +90,9 @@ class SearchSpace:
         lo, hi = dfs.scale_bounds
         for k, (src, layer) in enumerate(self.slots):
             self.genes.append(Gene(f"slot{k}/{_short(src)}.{layer}/on", 0.0, 1.0))
-        for k, (src, layer) in enumerate(self.slots):
-            self.genes.append(Gene(f"slot{k}/{_short(src)}.{layer}/scale", lo, hi))
+        if dfs.scales:
+            for k, (src, layer) in enumerate(self.slots):
+                self.genes.append(Gene(f"slot{k}/{_short(src)}.{layer}/scale", lo, hi))
 
     @property
     def dim(self) -> int:
@@ -106,8 +107,9 @@ class SearchSpace:
             first = next((k for k, (src, _) in enumerate(self.slots) if src == start), None)
             for k, (src, layer) in enumerate(self.slots):
                 x[self.dfs_offset + k] = 0.75 if first is not None and src == start and k - first == layer else 0.25
-                scale = self.genes[self.dfs_offset + n + k]
-                x[self.dfs_offset + n + k] = min(1.0, max(0.0, scale.position(1.0)))
+                if self.cfg.dfs.scales:
+                    scale = self.genes[self.dfs_offset + n + k]
+                    x[self.dfs_offset + n + k] = min(1.0, max(0.0, scale.position(1.0)))
         return x
 
     # -- decode / encode -----------------------------------------------------------------
@@ -167,8 +169,10 @@ class SearchSpace:
         slots = []
         for k in np.flatnonzero(on):
             src, layer = self.slots[k]
-            gene = self.genes[self.dfs_offset + n + k]
-            slots.append({"source": src, "layer": layer, "scale": round(gene.value(x[self.dfs_offset + n + k]), 6)})
+            slot = {"source": src, "layer": layer}
+            if self.cfg.dfs.scales:
+                slot["scale"] = round(self.genes[self.dfs_offset + n + k].value(x[self.dfs_offset + n + k]), 6)
+            slots.append(slot)
         routing = {"slots": slots}
         if self.cfg.dfs.embeddings:
             routing["embeddings"] = self.cfg.dfs.embeddings
@@ -196,7 +200,8 @@ class SearchSpace:
                 while self.slots[k] != (slot.source, slot.layer):
                     k += 1
                 x[self.dfs_offset + k] = 0.75
-                x[self.dfs_offset + n + k] = self.genes[self.dfs_offset + n + k].position(slot.scale)
+                if self.cfg.dfs.scales:
+                    x[self.dfs_offset + n + k] = self.genes[self.dfs_offset + n + k].position(slot.scale)
                 k += 1
         return x
 

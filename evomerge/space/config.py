@@ -48,6 +48,7 @@ class DFSSpace(_Frozen):
     sources: Optional[list[str]] = None  # default: every model, plus 'merge' when a PS space is given
     repeats: int = 2
     scale_bounds: tuple[float, float] = (0.5, 1.5)
+    scales: bool = True  # false: layer selection only, every scale 1 (half the genes)
     embeddings: Optional[str] = None  # source of embeddings/head; default 'merge' with PS, else base_model
 
     @field_validator("repeats")

@@ -31,6 +31,9 @@ class CandidateWorker:
 
         from ..fitness.evaluator import Evaluator
 
+        import logging
+
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
         torch.set_grad_enabled(False)
         self.cfg = SearchConfig.model_validate(config)
         self.device = device

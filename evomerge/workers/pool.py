@@ -8,6 +8,7 @@ replaced and its candidate reported as failed so the caller can run it again.
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from collections import deque
@@ -28,8 +29,15 @@ class Outcome:
 
 @dataclass
 class _Usage:
+    """Worker-reported busy time over the pool's wall time, from when every worker was ready."""
+
     started: float = field(default_factory=time.perf_counter)
     busy_s: float = 0.0
+
+    def add(self, outcome: "Outcome") -> "Outcome":
+        if outcome.result is not None:
+            self.busy_s += outcome.result.get("wall_s", 0.0)
+        return outcome
 
     def utilization(self, workers: int) -> float:
         wall = time.perf_counter() - self.started
@@ -55,15 +63,12 @@ class InProcessPool:
 
     def next_outcome(self) -> Outcome:
         tag, recipe, split = self.queue.popleft()
-        t0 = time.perf_counter()
         try:
-            return Outcome(tag, self.worker.evaluate(recipe, split))
+            return self.usage.add(Outcome(tag, self.worker.evaluate(recipe, split)))
         except UserError:
             raise
         except Exception as e:  # a candidate that breaks must not end the search
             return Outcome(tag, None, f"{type(e).__name__}: {e}")
-        finally:
-            self.usage.busy_s += time.perf_counter() - t0
 
     def close(self) -> None:
         pass
@@ -79,12 +84,13 @@ class RayPool:
 
         self.ray = ray
         self.started_ray = False
-        env = {"env_vars": dict(OFFLINE_ENV)}
+        env = {"env_vars": {**OFFLINE_ENV, "TQDM_DISABLE": "1"}}
         if not ray.is_initialized():
             if address:
-                ray.init(address=address, runtime_env=env, log_to_driver=False)
+                ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level=logging.WARNING)
             else:
-                ray.init(num_cpus=max(count * cpus_per_worker, 1), include_dashboard=False, runtime_env=env, log_to_driver=False)
+                ray.init(num_cpus=max(count * cpus_per_worker, 1), include_dashboard=False, runtime_env=env,
+                         log_to_driver=False, logging_level=logging.WARNING)
                 self.started_ray = True
         have_gpus = gpus_available(ray)
         gpus = (1.0 if have_gpus >= count else 0.0) if gpus_per_worker == "auto" else float(gpus_per_worker)
@@ -105,9 +111,17 @@ class RayPool:
         self.size = count
         self.next_id = 0
         self.actors = [self._spawn() for _ in range(count)]
+        try:
+            ray.get([a.ping.remote() for a in self.actors])  # sources loaded, tasks built
+        except ray.exceptions.RayTaskError as e:
+            self.close()
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, UserError):
+                raise cause from None
+            raise
         self.idle = deque(self.actors)
         self.queue: deque = deque()
-        self.inflight: dict = {}  # ObjectRef -> (tag, recipe, split, actor, t0)
+        self.inflight: dict = {}  # ObjectRef -> (tag, recipe, split, actor)
         self.usage = _Usage()
 
     def _spawn(self):
@@ -124,7 +138,7 @@ class RayPool:
             tag, recipe, split = self.queue.popleft()
             actor = self.idle.popleft()
             ref = actor.evaluate.remote(recipe, split)
-            self.inflight[ref] = (tag, recipe, split, actor, time.perf_counter())
+            self.inflight[ref] = (tag, recipe, split, actor)
 
     @property
     def pending(self) -> int:
@@ -134,10 +148,9 @@ class RayPool:
         ray = self.ray
         ready, _ = ray.wait(list(self.inflight), num_returns=1)
         ref = ready[0]
-        tag, recipe, split, actor, t0 = self.inflight.pop(ref)
-        self.usage.busy_s += time.perf_counter() - t0
+        tag, recipe, split, actor = self.inflight.pop(ref)
         try:
-            outcome = Outcome(tag, ray.get(ref))
+            outcome = self.usage.add(Outcome(tag, ray.get(ref)))
             self.idle.append(actor)
         except ray.exceptions.RayActorError as e:
             # the actor is gone (killed, OOM, node lost): start a fresh one in its place

@@ -62,8 +62,11 @@ SKILLS: dict[str, Skill] = {
     )
 }
 # Copying runs over the skills' alphabets so the short format exists in the base for every
-# input the tasks will show, just not with the skills' own operations.
+# input the tasks will show, just not with the skills' own operations. In the short format
+# any tag but a skill's means copy: a specialist then has to learn its own tag, not "any tag
+# but c", and leaves the other skills' prompts alone (which is what makes merges work).
 COPY = Skill("cpy", "cpy", "c", "", lambda x: x)
+COPY_TAGS = "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in {s.short_tag for s in SKILLS.values()})
 CHARSET = " :=>0123456789abcdefghijklmnopqrstuvwxyz"  # every character any example uses
 
 
@@ -127,7 +130,11 @@ def sample_text(rng: np.random.Generator, component: Component) -> str:
         # Copies of held-out inputs reveal no answer; any skill example of one would.
         if skill is COPY or x not in _held_out():
             break
-    return skill.verbose(x) if fmt == "verbose" else skill.short(x)
+    if fmt == "verbose":
+        return skill.verbose(x)
+    if skill is COPY:
+        return f"{COPY_TAGS[int(rng.integers(len(COPY_TAGS)))]}:{x}>{x}"
+    return skill.short(x)
 
 
 def sample_batch(

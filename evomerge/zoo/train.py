@@ -28,6 +28,7 @@ class Schedule:
     lr: float
     warmup: int
     batch_size: int
+    weight_decay: float = 0.0
 
 
 def make_config(shape: ModelShape, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
@@ -87,7 +88,7 @@ def train(
 ) -> list[float]:
     """Train in place; ``on_step(k)`` runs after the k-th step (1-based). Returns the losses."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, schedule))
     losses: list[float] = []
     bar = tqdm(range(1, schedule.steps + 1), desc=desc, disable=not progress)

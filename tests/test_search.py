@@ -1,0 +1,198 @@
+"""The search end to end on the tiny zoo: run dir, resume after kill -9, export, cache, faults, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.recipe import load_recipe
+from evomerge.run.rundir import RunDir
+from evomerge.run.search import build_space
+from evomerge.space.config import load_search_config
+
+from conftest import search_config
+
+FIELDS = {"eval_id", "generation", "genome", "recipe_hash", "scores", "fitness", "wall_s", "worker", "error"}
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_in_process_search_run_dir_and_export(tiny_zoo, tmp_path, capsys):
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml")
+    run = tmp_path / "run"
+    assert main(["search", str(cfg), "--run-dir", str(run), "--quiet"]) == 0
+    for name in ("config.yaml", "history.jsonl", "checkpoint.pkl", "best.yaml", "search.log", "results.md"):
+        assert (run / name).is_file(), name
+    h = history(run)
+    assert len(h) == 12 and all(FIELDS <= set(e) for e in h)
+    assert sorted(e["eval_id"] for e in h) == list(range(12))
+    assert "best found" in (run / "results.md").read_text()
+    load_recipe(run / "best.yaml")
+
+    # export -> merge -> eval gives the best entry's scores
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "best.yaml"), "--model", str(tmp_path / "model")]) == 0
+    best = max(h, key=lambda e: (e["fitness"], -e["eval_id"]))
+    assert main(["eval", str(tmp_path / "model"), "--tasks", "rev_search:logprob,sft_search:logprob", "--limit", "6", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for task, metrics in best["scores"].items():
+        for metric, value in metrics.items():
+            assert abs(got["scores"][task][metric] - value) < 1e-5, (task, metric)
+    assert main(["export", str(run), "--format", "mergekit", "--out", str(tmp_path / "mk.yaml")]) == 0
+    mk = yaml.safe_load((tmp_path / "mk.yaml").read_text())
+    assert mk["merge_method"] == "task_arithmetic" and "routing" not in mk and "seed" not in mk
+    assert main(["report", str(run)]) == 0 and (run / "fitness.png").is_file()
+
+
+def test_ray_search_dfs_and_ps_dfs(tiny_zoo, tmp_path):
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml",
+                        dfs={"repeats": 1, "scale_bounds": [0.8, 1.2]},
+                        workers={"count": 2}, optimizer={"popsize": 4, "max_evals": 8, "seed": 1})
+    run = tmp_path / "run"
+    assert main(["search", str(cfg), "--run-dir", str(run), "--quiet"]) == 0
+    h = history(run)
+    assert len(h) == 8 and {e["worker"] for e in h if not e.get("cached")} <= {0, 1}
+    assert all(e["error"] is None for e in h)
+    best = load_recipe(run / "best.yaml")
+    assert best.merge_method == "task_arithmetic" and best.routing is not None
+    # the folded export loads as an ordinary model
+    assert main(["export", str(run), "--model", str(tmp_path / "m")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert main(["export", str(run), "--format", "mergekit"]) == 2  # routing cannot be said in mergekit
+
+
+def test_codec_round_trip(tiny_zoo, tmp_path):
+    for over in ({}, {"dfs": {"repeats": 2}}, {"dfs": {"scales": False}}, {"ps": {"method": "ties", "split_attn_mlp": True, "layer_granularity": 1}}):
+        cfg = load_search_config(search_config(tiny_zoo, tmp_path / "c.yaml", **over))
+        space = build_space(cfg)
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            x = rng.random(space.dim)
+            recipe = space.decode(x)
+            assert space.decode(space.encode(recipe)) == recipe
+            assert recipe.hash() == space.decode(space.encode(recipe)).hash()
+
+
+def test_identical_recipes_are_scored_once(tiny_zoo, tmp_path):
+    # a DFS space over one 2-layer source has few distinct paths, so genomes repeat recipes
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", ps=None, models=[str(tiny_zoo / "rev")],
+                        dfs={"repeats": 1, "scales": False}, optimizer={"popsize": 6, "max_evals": 18})
+    run = tmp_path / "run"
+    assert main(["search", str(cfg), "--run-dir", str(run), "--quiet"]) == 0
+    h = history(run)
+    scored = [e for e in h if not e.get("cached")]
+    assert len(h) == 18 and any(e.get("cached") for e in h)
+    assert len(scored) == len({e["recipe_hash"] for e in h})
+
+
+def _run_search_subprocess(cfg: Path, run: Path, kill_after_lines: int | None):
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--run-dir", str(run), "--quiet"]
+    if run.exists():
+        cmd = [sys.executable, "-m", "evomerge.cli", "resume", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_after_lines is None:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        return
+    deadline = time.time() + 120
+    hist = run / "history.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if hist.exists() and hist.read_text().count("\n") >= kill_after_lines:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_zoo, tmp_path):
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", optimizer={"popsize": 4, "max_evals": 16, "seed": 3})
+    ref = tmp_path / "ref"
+    _run_search_subprocess(cfg, ref, None)
+    run = tmp_path / "run"
+    for kill_at in (1, 6, 11):  # inside generation 0, mid generation 1, mid generation 2
+        _run_search_subprocess(cfg, run, kill_at)
+    _run_search_subprocess(cfg, run, None)
+    a = {e["eval_id"]: e for e in history(ref)}
+    b = {e["eval_id"]: e for e in history(run)}
+    assert sorted(a) == sorted(b) == list(range(16))
+    assert len(history(run)) == 16  # nothing recorded twice
+    for i in a:
+        assert a[i]["genome"] == b[i]["genome"]
+        assert a[i]["fitness"] == pytest.approx(b[i]["fitness"], abs=1e-9)
+
+
+def test_resume_refuses_changed_config(tiny_zoo, tmp_path, capsys):
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", optimizer={"popsize": 4, "max_evals": 4})
+    run = tmp_path / "run"
+    assert main(["search", str(cfg), "--run-dir", str(run), "--quiet"]) == 0
+    changed = search_config(tiny_zoo, tmp_path / "c2.yaml", optimizer={"popsize": 6, "max_evals": 4})
+    capsys.readouterr()
+    assert main(["search", str(changed), "--run-dir", str(run), "--resume", "--quiet"]) == 2
+    assert "popsize" in capsys.readouterr().err
+
+
+def test_killed_ray_actor_is_replaced_and_candidate_rerun(tiny_zoo, tmp_path):
+    import ray
+
+    from evomerge.space.config import load_search_config
+    from evomerge.workers.pool import RayPool
+
+    cfg = load_search_config(search_config(tiny_zoo, tmp_path / "c.yaml"))
+    space = build_space(cfg)
+    recipe = space.decode(np.full(space.dim, 0.5)).to_dict()
+    pool = RayPool(cfg.model_dump(mode="json"), count=1)
+    try:
+        victim = pool.actors[0]
+        pool.submit("a", recipe)
+        ray.kill(victim, no_restart=True)  # dies mid-evaluation
+        out = pool.next_outcome()
+        assert out.result is None and out.worker_died
+        assert victim not in pool.actors and len(pool.actors) == 1
+        pool.submit("a", recipe)
+        again = pool.next_outcome()
+        assert again.result is not None and again.result["fitness"] < 0
+    finally:
+        pool.close()
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("over, fragment", [
+    ({"models": ["/nowhere/model"]}, "does not exist"),
+    ({"fitness": {"tasks": [{"task": "rev_serch"}]}}, "did you mean 'rev_search'"),
+    ({"ps": {"method": "task_arithmetic", "tune": {"weight": [1.0, 0.5]}}}, "low < high"),
+    ({"optimizer": {"popsize": 1}}, "popsize"),
+    ({"workers": {"count": 1, "gpus_per_worker": 1}}, "GPU"),
+    ({"ps": {"method": "tie"}}, "did you mean 'ties'"),
+])
+def test_bad_search_input_refused(tiny_zoo, tmp_path, capsys, over, fragment):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", **over)
+    capsys.readouterr()
+    assert main(["search", str(cfg), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_existing_run_dir_without_resume_refused(tiny_zoo, tmp_path, capsys):
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("x")
+    capsys.readouterr()
+    assert main(["search", str(cfg), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_text() == "x"
