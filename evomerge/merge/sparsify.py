@@ -91,7 +91,10 @@ def kth_smallest(values: Ranked, rank: int) -> Tensor:
 def sorted_abs_delta(source: Tensor, base: Tensor) -> Tensor:
     """|source - base| flattened and sorted ascending, in float32: compute it once per
     resident source tensor and pass it as ``sorted_abs`` to skip selection later."""
-    return abs_delta(source, base).sort().values
+    magnitudes = abs_delta(source, base)
+    # Non-negative floats order like their int32 bit patterns, and CPU torch sorts
+    # int32 several times faster than float32.
+    return magnitudes.view(torch.int32).sort().values.view(torch.float32)
 
 
 def abs_delta(source: Tensor, base: Tensor) -> Tensor:

@@ -50,6 +50,10 @@ def apply_overrides(cfg: SearchConfig, o: Overrides) -> SearchConfig:
 
 def build_space(cfg: SearchConfig) -> SearchSpace:
     """Open every source's header (cheap) to check it and count its layers."""
+    for ref in cfg.model_refs():
+        if not Path(ref).exists():
+            hint = "; build the toy family first with `evomerge zoo build`" if "zoo" in Path(ref).parts else ""
+            raise UserError(f"model directory {ref} does not exist{hint}")
     dirs = {ref: ModelDir(ref) for ref in cfg.model_refs()}
     first = next(iter(dirs.values()))
     for ref, d in dirs.items():

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..merge.kernels import get_kernel
+from ..merge.kernels import get_kernel, with_defaults
 from ..recipe import MERGE_SOURCE, Recipe, Routing, Slot, parse_recipe
 from .config import SearchConfig
 
@@ -68,8 +68,8 @@ class SearchSpace:
             low, high = bounds if bounds is not None else (spec.low, spec.high)
             if not low < high:
                 raise UserError(f"ps.tune.{name}: bounds [{low}, {high}] must have low < high")
-            if spec.low is not None and spec.high is not None and (low < spec.low or high > spec.high):
-                raise UserError(f"ps.tune.{name}: bounds [{low}, {high}] leave the valid range [{spec.low}, {spec.high}]")
+            for end in (low, high):
+                _check_bound(kernel, spec, end)
             owners = self.members if spec.per_model else [None]
             for model in owners:
                 for part, _ in self.parts:
@@ -204,6 +204,17 @@ class SearchSpace:
                     x[self.dfs_offset + n + k] = self.genes[self.dfs_offset + n + k].position(slot.scale)
                 k += 1
         return x
+
+
+def _check_bound(kernel, spec, value: float) -> None:
+    """Let the kernel's own parameter checks say whether a bound is a valid value (e.g. density in (0, 1])."""
+    model = {p.name: 1.0 for p in kernel.params if p.per_model and p.default is None}
+    glob = {p.name: 0.5 for p in kernel.params if not p.per_model and p.default is None}
+    (model if spec.per_model else glob)[spec.name] = value
+    try:
+        with_defaults(kernel, [model], glob)
+    except UserError as e:
+        raise UserError(f"ps.tune.{spec.name}: bound {value} is not valid: {e}") from None
 
 
 def _short(ref: str | None) -> str:

@@ -152,12 +152,11 @@ class SearchConfig(_Frozen):
 
 
 def _resolve(ref: str, base_dir: Path) -> str:
+    """Relative paths in a config are relative to the config file's folder, wherever the command runs."""
     if ref == MERGE_SOURCE:
         return ref
     p = Path(ref).expanduser()
-    if not p.is_absolute():
-        p = p.resolve() if p.exists() or not (base_dir / p).exists() else (base_dir / p).resolve()
-    return str(p)
+    return str(p if p.is_absolute() else (base_dir / p).resolve())
 
 
 def parse_search_config(data: Any, base_dir: Path, where: str = "config") -> SearchConfig:
