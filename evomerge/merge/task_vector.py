@@ -58,8 +58,10 @@ def merge(
     if not tensors:
         return base.to(_F32, copy=True)
     device = base.device
-    flat_base = base.reshape(-1)
-    flat = [x.reshape(-1) for x in tensors]
+    # detach() drops the view's link to its N-d base; torch.compile would otherwise
+    # guard on each base's shape and recompile for every new weight shape.
+    flat_base = base.reshape(-1).detach()
+    flat = [x.reshape(-1).detach() for x in tensors]
 
     weights = _vector([mp["weight"] for mp in model_params], device)
     kind, lo, hi, keys, cutoffs = _keep_rule(sparsification, flat, flat_base, model_params, seed)

@@ -1,0 +1,86 @@
+"""Whole-merge memory and speed on a ~220M-parameter bf16 Llama family (issue: merge engine).
+
+Builds base + 2 fine-tunes (hidden 1024, 12 layers, intermediate 2816, vocab 32000) as real
+safetensors dirs, then runs `evomerge merge` in a child process for a linear and a TIES recipe
+and prints each one's wall time and peak RSS, and the TIES/linear time ratio (target <= 1.5;
+mergekit's argsort TIES takes ~5x) and peak RSS (target < 1.5 GB).
+
+    python bench/bench_merge.py [--dir /tmp/evomerge_bench] [--layers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+
+def make_family(root: Path, layers: int) -> dict[str, Path]:
+    h, inter, vocab = 1024, 2816, 32000
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (h, h),
+                   p + "self_attn.v_proj.weight": (h, h), p + "self_attn.o_proj.weight": (h, h),
+                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                   p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
+                   p + "post_attention_layernorm.weight": (h,)}
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": inter,
+              "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": vocab,
+              "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    base = {n: (0.02 * torch.randn(s, generator=gen)).to(torch.bfloat16) for n, s in shapes.items()}
+    for name in ("base", "a", "b"):
+        d = root / name
+        out[name] = d
+        if (d / "model.safetensors").exists():
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = base if name == "base" else {n: (t.float() + 0.002 * torch.randn(t.shape, generator=gen)).to(torch.bfloat16) for n, t in base.items()}
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(config))
+        (d / "tokenizer.json").write_text("{}")
+    return out
+
+
+def run_merge(recipe: Path, out: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of one `evomerge merge` child process."""
+    code = ("import resource, sys, time; from evomerge.cli import main; t=time.perf_counter(); "
+            f"rc=main(['merge', '{recipe}', '{out}', '--force', '--quiet']); "
+            "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    wall, rss_kb = res.stdout.split()[-2:]
+    return float(wall), int(rss_kb) / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/evomerge_bench")
+    ap.add_argument("--layers", type=int, default=12)
+    args = ap.parse_args()
+    root = Path(args.dir)
+    fam = make_family(root, args.layers)
+    recipes = {
+        "linear": {"merge_method": "linear", "models": [{"model": str(fam[m]), "parameters": {"weight": 1.0}} for m in ("base", "a", "b")]},
+        "ties": {"merge_method": "ties", "base_model": str(fam["base"]),
+                 "models": [{"model": str(fam[m]), "parameters": {"weight": 0.5, "density": 0.5}} for m in ("a", "b")]},
+    }
+    results = {}
+    for name, data in recipes.items():
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        results[name] = min((run_merge(path, root / f"out_{name}") for _ in range(2)), key=lambda r: r[0])
+        print(f"{name:7s} wall {results[name][0]:6.2f} s   peak RSS {results[name][1]:.2f} GB")
+    print(f"ties/linear time ratio: {results['ties'][0] / results['linear'][0]:.2f} (target <= 1.5)")
+    print(f"max peak RSS: {max(r[1] for r in results.values()):.2f} GB (target < 1.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The fitness evaluator against real lm-eval on the tiny zoo."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.errors import UserError
+from evomerge.fitness.evaluator import Evaluator, default_task_path
+from evomerge.fitness.terms import FitnessTerm, Result, parse_terms
+from evomerge.zoo.build import build_zoo
+
+TASKS = ["rev_test", "srt_test"]
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    return build_zoo(tmp_path_factory.getbasetemp() / "tiny_zoo", preset="tiny", progress=False)
+
+
+@pytest.fixture(scope="module")
+def evaluator() -> Evaluator:
+    return Evaluator([FitnessTerm(t, "acc") for t in TASKS] + [FitnessTerm("srt_test", "logprob", 0.5)])
+
+
+def load(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def assert_same_scores(a: Result, b: Result) -> None:
+    assert a.scores.keys() == b.scores.keys()
+    for task in a.scores:
+        assert a.scores[task]["acc"] == b.scores[task]["acc"], task
+        assert math.isclose(a.scores[task]["logprob"], b.scores[task]["logprob"], rel_tol=1e-5), task
+
+
+def test_scores_equal_lm_eval_cli(tiny_zoo, evaluator, tmp_path):
+    model_dir = tiny_zoo / "srt"
+    cmd = [
+        sys.executable, "-m", "lm_eval", "--model", "hf", "--device", "cpu",
+        "--model_args", f"pretrained={model_dir}", "--tasks", ",".join(TASKS),
+        "--include_path", str(default_task_path()), "--output_path", str(tmp_path / "out"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    cli = json.loads(results_file.read_text())["results"]
+
+    ours = evaluator.score_dir(model_dir)
+    for task in TASKS:
+        assert ours.scores[task]["acc"] == cli[task]["acc,none"], task
+        assert math.isclose(ours.scores[task]["logprob"], cli[task]["logprob,none"], rel_tol=1e-5), task
+    assert ours.scores["srt_test"]["acc"] > 0  # the comparison sees real hits, not only zeros
+    acc = ours.scores
+    expected = (acc["rev_test"]["acc"] + acc["srt_test"]["acc"] + 0.5 * acc["srt_test"]["logprob"]) / 2.5
+    assert math.isclose(ours.fitness, expected)
+
+
+def test_weights_written_in_place_score_like_a_fresh_evaluator(tiny_zoo, evaluator):
+    model, tok = load(tiny_zoo / "base")
+    first = evaluator.score_model(model, tok)
+    again = evaluator.score_model(model, tok)  # the reused task dict holds no stale requests
+    assert again == first
+    assert all(len(t.instances) == 200 for t in evaluator._task_dict["tasks"].values())
+
+    srt = AutoModelForCausalLM.from_pretrained(tiny_zoo / "srt").state_dict()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(srt[name])
+    swapped = evaluator.score_model(model, tok)
+    assert swapped.scores != first.scores
+
+    fresh = Evaluator(evaluator.terms)
+    assert_same_scores(swapped, fresh.score_dir(tiny_zoo / "srt"))
+    assert_same_scores(first, fresh.score_dir(tiny_zoo / "base"))
+
+
+def test_groups_and_limit(tiny_zoo):
+    ev = Evaluator(parse_terms("zoo_search,rev_search:logprob"), limit=20)
+    result = ev.score_dir(tiny_zoo / "rev")
+    members = [result.scores[f"{s}_search"]["acc"] for s in ("rev", "sft", "srt")]
+    assert math.isclose(result.scores["zoo_search"]["acc"], sum(members) / 3)
+    assert all(len(t.instances) == 20 for t in ev._task_dict["tasks"].values())
+    assert all(round(m * 20) == m * 20 for m in members)
+
+
+def test_offline_env_is_set_before_datasets_is_imported():
+    code = "import evomerge.fitness.evaluator, datasets.config as c, os; print(c.HF_HUB_OFFLINE, os.environ['TOKENIZERS_PARALLELISM'])"
+    env = {k: v for k, v in os.environ.items() if k not in {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"}}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "false"]
+
+
+def test_parse_terms_and_json():
+    terms = parse_terms("rev_test, sft_test:logprob,srt_test:acc:2")
+    assert terms == [
+        FitnessTerm("rev_test", "acc", 1.0),
+        FitnessTerm("sft_test", "logprob", 1.0),
+        FitnessTerm("srt_test", "acc", 2.0),
+    ]
+    result = Result(scores={"rev_test": {"acc": 0.5, "logprob": -1.25}}, fitness=0.5)
+    assert json.loads(result.to_json()) == {"scores": {"rev_test": {"acc": 0.5, "logprob": -1.25}}, "fitness": 0.5}
+    assert Result.from_json(result.to_json()) == result
+    assert "rev_test" in result.table() and "0.5000" in result.table()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_unknown_task_suggests_a_near_name():
+    with pytest.raises(UserError, match="unknown task 'rev_tset'.*did you mean 'rev_test'"):
+        Evaluator(parse_terms("rev_tset"))
+
+
+def test_missing_data_file(tmp_path):
+    tasks = shutil.copytree(default_task_path(), tmp_path / "tasks")
+    (tasks / "data" / "sft_test.jsonl").unlink()
+    with pytest.raises(UserError, match="sft_test.jsonl is missing"):
+        Evaluator(parse_terms("sft_test"), task_path=tasks)
+
+
+def test_model_dir_without_tokenizer(tiny_zoo, evaluator, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_zoo / "base" / f, bare / f)
+    with pytest.raises(UserError, match="has no tokenizer"):
+        evaluator.score_dir(bare)
+    with pytest.raises(UserError, match="no config.json"):
+        evaluator.score_dir(tmp_path)
+
+
+def test_metric_the_task_does_not_produce():
+    with pytest.raises(UserError, match=r"does not produce metric 'acc_norm'.*\['acc', 'logprob'\]"):
+        Evaluator([FitnessTerm("rev_test", "acc_norm")])
+
+
+@pytest.mark.parametrize("weight", ["2", "abc", True, float("nan"), float("inf"), None, -1.0, 0])
+def test_weight_that_is_not_a_positive_number(weight):
+    with pytest.raises(UserError, match="weight"):
+        FitnessTerm("rev_test", "acc", weight)
+
+
+def test_weight_in_cli_string_that_is_not_a_number():
+    with pytest.raises(UserError, match="weight 'x' .* is not a number"):
+        parse_terms("rev_test:acc:x")
+    with pytest.raises(UserError, match="no tasks"):
+        parse_terms(" , ")
+
+
+def test_bad_limit():
+    with pytest.raises(UserError, match="limit"):
+        Evaluator(parse_terms("rev_test"), limit=0)

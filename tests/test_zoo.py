@@ -1,0 +1,137 @@
+"""The toy zoo: deterministic data, disjoint splits, a cached and loadable tiny build."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from evomerge.errors import UserError
+from evomerge.zoo import data
+from evomerge.zoo.build import MANIFEST, build_zoo, read_manifest, zoo_settings
+from evomerge.zoo.tokenizer import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    # Session-wide path: test_fitness asks for the same dir and gets the cached build.
+    return build_zoo(tmp_path_factory.getbasetemp() / "tiny_zoo", preset="tiny", progress=False)
+
+
+def test_eval_splits_are_deterministic_disjoint_and_correct():
+    for skill, s in data.SKILLS.items():
+        search, test = data.eval_examples(skill, "search"), data.eval_examples(skill, "test")
+        assert len(search) == len(test) == data.EVAL_SIZE
+        inputs_search = {d["input"] for d in search}
+        inputs_test = {d["input"] for d in test}
+        assert len(inputs_search) == len(inputs_test) == data.EVAL_SIZE
+        assert not inputs_search & inputs_test
+        for d in search + test:
+            assert set(d["input"]) <= set(s.alphabet)
+            assert d["prompt"] == f"{s.short_tag}:{d['input']}>"
+            assert d["answer"] == s.apply(d["input"])
+        data._eval_inputs.cache_clear()
+        assert data.eval_examples(skill, "test") == test
+
+
+def test_committed_task_files_match_the_generator():
+    for name, docs in data.task_data_files().items():
+        committed = (REPO / "tasks" / "data" / name).read_text(encoding="utf-8")
+        assert committed == data.render_jsonl(docs), f"regenerate with python -m evomerge.zoo.data ({name})"
+
+
+def test_skill_operations():
+    assert data.SKILLS["rev"].verbose("abc") == "rev abc=cba"
+    assert data.SKILLS["sft"].short("129") == "s:129>230"
+    assert data.SKILLS["srt"].short("tqx") == "o:tqx>qtx"
+
+
+def test_training_samples_are_seeded_and_never_show_eval_inputs():
+    held_out = {d["input"] for s in data.SKILLS for sp in data.SPLITS for d in data.eval_examples(s, sp)}
+    mixture = data.specialist_mixture("rev")
+    a = data.sample_batch(np.random.default_rng(7), mixture, 3000)
+    assert a == data.sample_batch(np.random.default_rng(7), mixture, 3000)
+    assert a != data.sample_batch(np.random.default_rng(8), mixture, 3000)
+    skill_tags = {t for s in data.SKILLS.values() for t in (s.verbose_tag, s.short_tag)}
+    parsed = [re.fullmatch(r"(\w+)[ :](\w+)[=>]\w+", text).groups() for text in a]
+    skill_inputs = [x for tag, x in parsed if tag in skill_tags]
+    assert len(skill_inputs) > 1000
+    assert not set(skill_inputs) & held_out
+    assert set("".join(a)) <= set(data.CHARSET)
+
+
+def test_tokenizer_is_char_level_with_bos():
+    tok = build_tokenizer()
+    ids = tok("r:abc>cba")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 1 + len("r:abc>cba")
+    assert tok.decode(ids, skip_special_tokens=True) == "r:abc>cba"
+    assert tok.unk_token_id not in tok(data.CHARSET)["input_ids"]
+
+
+def test_tiny_zoo_layout_and_cache(tiny_zoo):
+    manifest = read_manifest(tiny_zoo)
+    assert manifest["hash"] == zoo_settings("tiny").digest()
+    assert set(manifest["models"]) == {"base", *data.SKILLS}
+    assert manifest["checkpoints"]["rev"] == ["rev_ckpt/step20", "rev_ckpt/step40"]
+    weights = tiny_zoo / "base" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    started = time.perf_counter()
+    assert build_zoo(tiny_zoo, preset="tiny", progress=False) == tiny_zoo
+    assert time.perf_counter() - started < 0.5
+    assert weights.stat().st_mtime_ns == mtime
+    assert not [p for p in tiny_zoo.parent.iterdir() if p.name.startswith(f".{tiny_zoo.name}.")]
+
+
+def test_tiny_zoo_loads_with_auto_classes(tiny_zoo):
+    manifest = read_manifest(tiny_zoo)
+    dirs = list(manifest["models"].values()) + manifest["checkpoints"]["rev"]
+    base = load_file(tiny_zoo / "base" / "model.safetensors")
+    for rel in dirs:
+        model = AutoModelForCausalLM.from_pretrained(tiny_zoo / rel)
+        tok = AutoTokenizer.from_pretrained(tiny_zoo / rel)
+        assert isinstance(model, LlamaForCausalLM)
+        out = model(**tok(["r:abc>"], return_tensors="pt"))
+        assert out.logits.shape == (1, 7, len(tok))
+        if rel != "base":  # each fine-tune moved away from the base
+            tuned = load_file(tiny_zoo / rel / "model.safetensors")
+            assert any(not torch.equal(base[k], tuned[k]) for k in base)
+
+
+def test_same_seed_same_weights_new_seed_rebuilds(tiny_zoo, tmp_path):
+    again = build_zoo(tmp_path / "zoo", preset="tiny", progress=False)
+    for rel in ("base", "srt"):
+        a = load_file(tiny_zoo / rel / "model.safetensors")
+        b = load_file(again / rel / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    build_zoo(again, seed=1, preset="tiny", progress=False)
+    assert read_manifest(again)["settings"]["seed"] == 1
+    c = load_file(again / "base" / "model.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_refuses_to_replace_a_dir_that_is_not_a_zoo(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a zoo"):
+        build_zoo(tmp_path, preset="tiny", progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / MANIFEST).exists()
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="did you mean 'tiny'"):
+        build_zoo("unused", preset="tiyn")
+
+
+def test_manifest_is_json_with_settings(tiny_zoo):
+    manifest = json.loads((tiny_zoo / MANIFEST).read_text())
+    assert manifest["settings"]["preset"] == "tiny"
+    assert manifest["build_s"] >= 0
