@@ -64,9 +64,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/evomerge_bench")
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.dir)
-    fam = make_family(root, args.layers)
+    if args.build_only:
+        make_family(root, args.layers)
+        return
+    # Build in a child: a child's ru_maxrss starts from the RSS of the process that forked it,
+    # so this process must never hold the family's tensors.
+    subprocess.run([sys.executable, __file__, "--build-only", "--dir", str(root), "--layers", str(args.layers)], check=True)
+    fam = {name: root / name for name in ("base", "a", "b")}
     recipes = {
         "linear": {"merge_method": "linear", "models": [{"model": str(fam[m]), "parameters": {"weight": 1.0}} for m in ("base", "a", "b")]},
         "ties": {"merge_method": "ties", "base_model": str(fam["base"]),

@@ -33,3 +33,15 @@ def test_toy_config_decodes_on_the_zoo_layout(path, tiny_zoo):
     space = build_space(parse_search_config(data, path.parent))
     recipe = space.decode(np.random.default_rng(0).random(space.dim))
     assert recipe.model_refs()
+
+
+HAND = sorted((Path(__file__).resolve().parents[1] / "docs" / "hand_merges").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", HAND, ids=lambda p: p.name)
+def test_hand_merge_recipes_load(path):
+    from evomerge.recipe import load_recipe
+
+    assert path.read_text().startswith(f"# evomerge merge docs/hand_merges/{path.name} ")
+    recipe = load_recipe(path)
+    assert len(recipe.models) == 3

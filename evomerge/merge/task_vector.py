@@ -119,11 +119,11 @@ def _ranked_abs_delta(x: Tensor, base: Tensor) -> sparsify.Ranked:
     """|x - base| for selection, computed on the fly in fused passes, never stored whole."""
 
     def between(lo: Tensor, hi: Tensor) -> Tensor:
-        # Chunk by chunk: a full-size mask would cost more than the whole selection.
+        # Chunk by chunk: a full-size mask would cost more than the rest of the selection.
         parts = []
         for start, stop in _chunks(base.numel()):
-            magnitudes = (x[start:stop].to(_F32) - base[start:stop].to(_F32)).abs()
-            parts.append(magnitudes[sparsify.band_keep(magnitudes, lo, hi)])
+            marked = _map(_band_magnitudes, base[start:stop], [x[start:stop]], lo, hi)
+            parts.append(marked[marked >= 0])
         return torch.cat(parts)
 
     return sparsify.Ranked(
@@ -138,6 +138,12 @@ def _ranked_abs_delta(x: Tensor, base: Tensor) -> sparsify.Ranked:
 
 def _count_below(base: Tensor, xs: Sequence[Tensor], lo: Tensor, *, offset: int) -> Tensor:
     return torch.count_nonzero((xs[0].to(_F32) - base.to(_F32)).abs() < lo).reshape(1)
+
+
+def _band_magnitudes(base: Tensor, xs: Sequence[Tensor], lo: Tensor, hi: Tensor, *, offset: int) -> Tensor:
+    """|delta| where it lies in [lo, hi], else -1."""
+    magnitudes = (xs[0].to(_F32) - base.to(_F32)).abs()
+    return torch.where(sparsify.band_keep(magnitudes, lo, hi), magnitudes, -1.0)
 
 
 def _rescales(

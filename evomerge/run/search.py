@@ -9,6 +9,7 @@ flight are run again. The loop never touches tensors.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -178,7 +179,8 @@ def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=
                 for n, i in enumerate(waiting[h]):
                     base = {**recipes[h][1], "eval_id": gen * o.popsize + i, "genome": [float(v) for v in genomes[i]]}
                     entries[i] = {**base, "scores": r.get("scores"), "fitness": fitness, "wall_s": r.get("wall_s", 0.0) if n == 0 else 0.0,
-                                  "merge_s": r.get("merge_s"), "eval_s": r.get("eval_s"), "worker": r.get("worker"),
+                                  "merge_s": r.get("merge_s"), "eval_s": r.get("eval_s"), "forward_s": r.get("forward_s"),
+                                  "worker": r.get("worker"),
                                   "error": error, "cached": n > 0}
                     _record(rd, entries[i], bar)
                 if error is None:
@@ -204,6 +206,8 @@ def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=
             order, results = score_table(pool, cfg, space.decode(np.array(best["genome"])))
             table = format_table(cfg, order, results)
             atomic_write_text(rd.results, f"# {rd.path.name}: test split\n\n{table}\n\n{summary}\n")
+            atomic_write_text(rd.path / "results.json", json.dumps({"rows": results, "utilization": utilization,
+                                                                    "best_eval_id": best["eval_id"]}, indent=1))
             rd.log("test-split table written to results.md")
             if progress:
                 print(table)

@@ -91,10 +91,38 @@ class CandidateWorker:
         t0 = time.perf_counter()
         recipe = parse_recipe(recipe_data, where="candidate")
         model = self.materialize(recipe)
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        self._sync()
         t1 = time.perf_counter()
-        result = self.evaluators[split].score_model(model, self.tokenizer)
+        with ForwardTimer(model, self._sync) as timer:
+            result = self.evaluators[split].score_model(model, self.tokenizer)
         t2 = time.perf_counter()
         return {"scores": result.scores, "fitness": result.fitness, "merge_s": t1 - t0, "eval_s": t2 - t1,
-                "wall_s": t2 - t0, "worker": self.worker_id}
+                "forward_s": timer.seconds, "wall_s": t2 - t0, "worker": self.worker_id}
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+class ForwardTimer:
+    """Seconds spent inside the model's forward passes (what is not lm-eval's own overhead)."""
+
+    def __init__(self, model: torch.nn.Module, sync):
+        self.model, self.sync, self.seconds, self._t = model, sync, 0.0, 0.0
+
+    def _pre(self, *_):
+        self.sync()
+        self._t = time.perf_counter()
+
+    def _post(self, *_):
+        self.sync()
+        self.seconds += time.perf_counter() - self._t
+
+    def __enter__(self) -> "ForwardTimer":
+        # hooks are removed on exit: a DFS view shares its shell's hook registry
+        self._handles = [self.model.register_forward_pre_hook(self._pre), self.model.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *_) -> None:
+        for h in self._handles:
+            h.remove()
