@@ -128,3 +128,16 @@ def test_atomic_dir_refuses_nonempty_without_force(tmp_path):
 
 def test_shard_layout():
     assert shard_layout([("a", 4), ("b", 4), ("c", 10), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_has_nonfinite(dtype):
+    from evomerge.io.safetensors_file import has_nonfinite
+
+    t = torch.randn(1000).to(dtype) * 100
+    assert not has_nonfinite(t)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[517] = bad
+        assert has_nonfinite(u)
+    assert not has_nonfinite(torch.arange(5))

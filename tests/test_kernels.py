@@ -248,9 +248,9 @@ def test_kth_smallest_matches_sort_on_big_tensors_with_ties(rank_fraction):
     values[: n // 3] = 0.0  # many ties, as bf16 deltas have
     values[n // 3 : n // 2] = torch.round(values[n // 3 : n // 2] * 8) / 8
     rank = min(max(1, round(rank_fraction * n)), n)
-    assert sparsify.kth_smallest(sparsify.ranked_values(values), rank) == values.sort().values[rank - 1]
+    assert sparsify.kth_smallest(values, rank) == values.sort().values[rank - 1]
     strided_ties = torch.arange(n, dtype=torch.float32) % 7  # defeats a strided sample
-    got = sparsify.kth_smallest(sparsify.ranked_values(strided_ties), rank)
+    got = sparsify.kth_smallest(strided_ties, rank)
     assert got == strided_ties.sort().values[rank - 1]
 
 
@@ -320,7 +320,7 @@ def test_dare_is_deterministic_per_seed_and_independent_across_models():
 
 
 def test_rng_is_chunking_invariant_and_in_range():
-    index = torch.arange(0, 3_000_017, dtype=torch.int64)
+    index = torch.arange(0, 1_000_003, dtype=torch.int64)
     whole = rng.uniform(5, 2, index)
     chunked = torch.cat([rng.uniform(5, 2, part) for part in index.split(65_536)])
     assert torch.equal(whole, chunked)

@@ -67,8 +67,10 @@ def _rescale(default: str) -> ParamSpec:
 
 
 def _declare(
-    name: str, params: tuple[ParamSpec, ...], uses_base: bool, random: bool, impl: Callable[..., Tensor]
+    name: str, specs: tuple[ParamSpec, ...], uses_base: bool, random: bool, impl: Callable[..., Tensor]
 ) -> Kernel:
+    """A kernel whose ``fn`` fills defaults and checks its inputs before ``impl`` runs."""
+
     def fn(
         tensors: Sequence[Tensor],
         base: Tensor | None,
@@ -80,24 +82,24 @@ def _declare(
         _check_tensors(kernel, tensors, base, filled_models)
         return impl(tensors, base, filled_models, filled, seed)
 
-    kernel = Kernel(name, params, uses_base, random, fn)
+    kernel = Kernel(name, specs, uses_base, random, fn)
     return kernel
 
 
 def _task_vector(
     name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: str
 ) -> Kernel:
-    params = [WEIGHT]
+    specs = [WEIGHT]
     if sparsification:
-        params.append(DENSITY)
+        specs.append(DENSITY)
     if sparsification == "magnitude_outliers":
-        params.append(GAMMA)
-    params += [LAMBDA, _normalize(normalize)]
+        specs.append(GAMMA)
+    specs += [LAMBDA, _normalize(normalize)]
     if sparsification:
-        params.append(_rescale(rescale))
-    params.append(INT8_MASK)
+        specs.append(_rescale(rescale))
+    specs.append(INT8_MASK)
     impl = functools.partial(task_vector.merge, sparsification=sparsification, consensus=consensus)
-    return _declare(name, tuple(params), uses_base=True, random=sparsification == "random", impl=impl)
+    return _declare(name, tuple(specs), uses_base=True, random=sparsification == "random", impl=impl)
 
 
 KERNELS: dict[str, Kernel] = {
@@ -105,7 +107,10 @@ KERNELS: dict[str, Kernel] = {
     for kernel in (
         _declare("linear", (WEIGHT, _normalize(True)), uses_base=False, random=False, impl=linear.merge),
         _declare("slerp", (T,), uses_base=True, random=False, impl=slerp.merge),
-        _declare("passthrough", (ParamSpec("scale", per_model=True, default=1.0),), uses_base=False, random=False, impl=passthrough.merge),
+        _declare(
+            "passthrough", (ParamSpec("scale", per_model=True, default=1.0),), uses_base=False, random=False,
+            impl=passthrough.merge,
+        ),
         _task_vector("task_arithmetic", None, consensus=False, normalize=False, rescale="none"),
         _task_vector("ties", "magnitude", consensus=True, normalize=True, rescale="none"),
         _task_vector("dare_linear", "random", consensus=False, normalize=False, rescale="l1"),

@@ -16,9 +16,8 @@ first when both do not fit. Ties at a threshold are all kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,74 +26,32 @@ from evomerge.merge import rng
 RESCALES = ("l1", "inverse_density", "none")
 L1_EPS = 1e-7  # below this L1 norm a rescale would amplify noise, so mergekit skips it
 
-_DIRECT_SELECT_MAX = 1 << 18  # kthvalue is cheap enough below this many elements
-_SAMPLE_SIZE = 1 << 16
+def kth_smallest(values: Tensor, rank: int) -> Tensor:
+    """The ``rank``-th smallest (1-based) of flat float32 ``values``, exactly, in O(n), as a 0-dim tensor.
 
-
-@dataclass(frozen=True)
-class Ranked:
-    """Read access to n values for selection, so the values need not be materialized
-    (the task-vector kernel computes |source - base| on the fly, in fused passes)."""
-
-    n: int
-    device: torch.device
-    strided: Callable[[int], Tensor]  # every step-th value
-    count_below: Callable[[Tensor], int]  # how many values are < lo
-    between: Callable[[Tensor, Tensor], Tensor]  # the values in [lo, hi], any order
-    everything: Callable[[], Tensor]  # all values, flat
-
-
-def ranked_values(values: Tensor) -> Ranked:
-    """``Ranked`` access to a tensor of values."""
-    flat = values.reshape(-1)
-    return Ranked(
-        n=flat.numel(),
-        device=flat.device,
-        strided=lambda step: flat[::step],
-        # count_nonzero, not sum: summing a bool tensor widens it to int64 (10x slower)
-        count_below=lambda lo: int(torch.count_nonzero(flat < lo)),
-        between=lambda lo, hi: flat[(flat >= lo) & (flat <= hi)],
-        everything=lambda: flat,
-    )
-
-
-def kth_smallest(values: Ranked, rank: int) -> Tensor:
-    """The ``rank``-th smallest (1-based) of the values, exactly, in O(n), as a 0-dim tensor.
-
-    ``torch.kthvalue`` on millions of entries costs many elementwise passes' worth of
-    time, so a strided sample first brackets the answer, a counting pass and an
-    extraction pass confirm the bracket, and kthvalue runs only on the few values
-    inside it. A bracket the sample got wrong falls back to kthvalue on everything.
+    On the CPU numpy's SIMD introselect (``np.partition``) runs about 20x faster than
+    ``torch.kthvalue``; elsewhere kthvalue runs on the device. Both are exact, so the
+    threshold, and the merged tensor, do not depend on the device.
     """
-    n = values.n
+    n = values.numel()
     if not 1 <= rank <= n:
         raise ValueError(f"rank {rank} outside 1..{n}")
-    if n <= _DIRECT_SELECT_MAX:
-        return torch.kthvalue(values.everything(), rank).values
-    sample = values.strided(n // _SAMPLE_SIZE).sort().values
-    m = sample.numel()
-    p = rank / n
-    margin = int(4.0 * math.sqrt(m * p * (1.0 - p))) + 16
-    lo_at = math.floor(p * (m - 1)) - margin
-    hi_at = math.ceil(p * (m - 1)) + margin
-    lo = sample[lo_at] if lo_at > 0 else sample.new_tensor(-math.inf)
-    hi = sample[hi_at] if hi_at < m - 1 else sample.new_tensor(math.inf)
-    n_below = values.count_below(lo) if lo_at > 0 else 0
-    inside = values.between(lo, hi)
-    if not n_below < rank <= n_below + inside.numel():
-        return torch.kthvalue(values.everything(), rank).values
-    if bool(lo == hi):
-        return lo
-    return torch.kthvalue(inside, rank - n_below).values
+    if values.device.type == "cpu":
+        picked = np.partition(values.detach().reshape(-1).numpy(), rank - 1)[rank - 1]
+        return torch.tensor(float(picked), dtype=torch.float32)
+    return torch.kthvalue(values.reshape(-1), rank).values
 
 
 def sorted_abs_delta(source: Tensor, base: Tensor) -> Tensor:
     """|source - base| flattened and sorted ascending, in float32: compute it once per
     resident source tensor and pass it as ``sorted_abs`` to skip selection later."""
-    magnitudes = abs_delta(source, base)
-    # Non-negative floats order like their int32 bit patterns, and CPU torch sorts
-    # int32 several times faster than float32.
-    return magnitudes.view(torch.int32).sort().values.view(torch.float32)
+    return sort_nonnegative(abs_delta(source, base))
+
+
+def sort_nonnegative(values: Tensor) -> Tensor:
+    """Ascending sort of non-negative float32 values. They order like their int32 bit
+    patterns, and torch sorts int32 up to 10x faster than float32 on CPU."""
+    return values.contiguous().view(torch.int32).sort().values.view(torch.float32)
 
 
 def abs_delta(source: Tensor, base: Tensor) -> Tensor:
@@ -104,33 +61,32 @@ def abs_delta(source: Tensor, base: Tensor) -> Tensor:
     return delta.abs_()
 
 
-def _ranked(delta: Tensor | None, sorted_abs: Tensor | None) -> Ranked | Tensor:
+def _ranked(delta: Tensor | None, sorted_abs: Tensor | None) -> tuple[Tensor, bool]:
+    """(values to rank, whether they are already sorted)."""
     if sorted_abs is not None:
         if delta is not None and delta.numel() != sorted_abs.numel():
             raise ValueError(f"sorted_abs has {sorted_abs.numel()} entries, delta {delta.numel()}")
-        return sorted_abs
+        return sorted_abs, True
     if delta is None:
         raise ValueError("need the delta or its sorted_abs")
-    return delta if isinstance(delta, Ranked) else ranked_values(delta.reshape(-1).to(torch.float32).abs())
+    return delta.reshape(-1).to(torch.float32).abs(), False
 
 
-def _order_stat(source: Ranked | Tensor, rank: int) -> Tensor:
-    if isinstance(source, Ranked):
-        return kth_smallest(source, rank)
-    return source[rank - 1].to(torch.float32)  # a sorted_abs
+def _order_stat(source: tuple[Tensor, bool], rank: int) -> Tensor:
+    values, is_sorted = source
+    return values[rank - 1].to(torch.float32) if is_sorted else kth_smallest(values, rank)
 
 
-def _size(source: Ranked | Tensor) -> tuple[int, torch.device]:
-    return (source.n, source.device) if isinstance(source, Ranked) else (source.numel(), source.device)
+def _size(source: tuple[Tensor, bool]) -> tuple[int, torch.device]:
+    return source[0].numel(), source[0].device
 
 
 def magnitude_threshold(
-    delta: Tensor | Ranked | None, density: float, sorted_abs: Tensor | None = None
+    delta: Tensor | None, density: float, sorted_abs: Tensor | None = None
 ) -> Tensor:
     """The k-th largest |delta| (k = int(density * numel)) as a 0-dim float32 tensor:
     keeping |delta| >= it keeps the k largest. 0 for density >= 1 (keep all), inf for
-    k = 0 (keep none). ``delta`` may be None when ``sorted_abs`` is given, or ``Ranked``
-    access to |delta|."""
+    k = 0 (keep none). ``delta`` may be None when ``sorted_abs`` is given."""
     source = _ranked(delta, sorted_abs)
     n, device = _size(source)
     k = int(density * n)
@@ -142,7 +98,7 @@ def magnitude_threshold(
 
 
 def breadcrumbs_band(
-    delta: Tensor | Ranked | None, density: float, gamma: float, sorted_abs: Tensor | None = None
+    delta: Tensor | None, density: float, gamma: float, sorted_abs: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(lo, hi) such that keeping lo <= |delta| <= hi drops the n_top largest and the
     n_bot smallest entries (mergekit's rule; see the module docstring). Arguments as

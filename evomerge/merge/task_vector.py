@@ -58,15 +58,15 @@ def merge(
     if not tensors:
         return base.to(_F32, copy=True)
     device = base.device
-    # detach() drops the view's link to its N-d base; torch.compile would otherwise
-    # guard on each base's shape and recompile for every new weight shape.
+    # detach() drops the view's link to its N-d base (torch.compile would otherwise
+    # recompile for every new weight shape) and any autograd history of parameters.
     flat_base = base.reshape(-1).detach()
     flat = [x.reshape(-1).detach() for x in tensors]
 
     weights = _vector([mp["weight"] for mp in model_params], device)
     kind, lo, hi, keys, cutoffs = _keep_rule(sparsification, flat, flat_base, model_params, seed)
     scales = _rescales(params.get("rescale", "none"), kind, flat, flat_base, model_params, lo, hi, keys, cutoffs)
-    total = float(weights.sum())
+    total = sum(float(mp["weight"]) for mp in model_params)
     inv_divisor = _vector([1.0 if abs(total) < 1e-8 else 1.0 / total], device)[0]
     lam = _vector([params.get("lambda", 1.0)], device)[0]
 
@@ -105,7 +105,7 @@ def _keep_rule(
         if densities[i] >= 1:
             continue
         sorted_abs = mp.get(SORTED_ABS)
-        magnitudes = None if sorted_abs is not None else _ranked_abs_delta(x, flat_base)
+        magnitudes = None if sorted_abs is not None else sparsify.abs_delta(x, flat_base)
         if sparsification == "magnitude":
             lo[i] = sparsify.magnitude_threshold(magnitudes, densities[i], sorted_abs)
         elif sparsification == "magnitude_outliers":
@@ -113,37 +113,6 @@ def _keep_rule(
         else:
             raise ValueError(f"unknown sparsification {sparsification!r}; known: {SPARSIFICATIONS}")
     return "band", lo, hi, keys, cutoffs
-
-
-def _ranked_abs_delta(x: Tensor, base: Tensor) -> sparsify.Ranked:
-    """|x - base| for selection, computed on the fly in fused passes, never stored whole."""
-
-    def between(lo: Tensor, hi: Tensor) -> Tensor:
-        # Chunk by chunk: a full-size mask would cost more than the rest of the selection.
-        parts = []
-        for start, stop in _chunks(base.numel()):
-            marked = _map(_band_magnitudes, base[start:stop], [x[start:stop]], lo, hi)
-            parts.append(marked[marked >= 0])
-        return torch.cat(parts)
-
-    return sparsify.Ranked(
-        n=base.numel(),
-        device=base.device,
-        strided=lambda step: (x[::step].to(_F32) - base[::step].to(_F32)).abs(),
-        count_below=lambda lo: int(_reduce(_count_below, base, [x], lo)[0]),
-        between=between,
-        everything=lambda: sparsify.abs_delta(x, base),
-    )
-
-
-def _count_below(base: Tensor, xs: Sequence[Tensor], lo: Tensor, *, offset: int) -> Tensor:
-    return torch.count_nonzero((xs[0].to(_F32) - base.to(_F32)).abs() < lo).reshape(1)
-
-
-def _band_magnitudes(base: Tensor, xs: Sequence[Tensor], lo: Tensor, hi: Tensor, *, offset: int) -> Tensor:
-    """|delta| where it lies in [lo, hi], else -1."""
-    magnitudes = (xs[0].to(_F32) - base.to(_F32)).abs()
-    return torch.where(sparsify.band_keep(magnitudes, lo, hi), magnitudes, -1.0)
 
 
 def _rescales(

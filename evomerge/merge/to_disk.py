@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..io.model_dir import ModelDir
-from ..io.safetensors_file import StreamingWriter
+from ..io.safetensors_file import StreamingWriter, has_nonfinite
 from ..io.writer import atomic_dir, check_out_dir, copy_tokenizer, shard_layout, shard_names, write_json, write_text
 from ..recipe import Recipe
 from .materialize import Plan, compute, plan
@@ -72,7 +72,7 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | Non
 
     def get(read):
         t = sources[read.source].get(read.name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if has_nonfinite(t):
             raise UserError(f"{read.source}: tensor {read.name} holds NaN or Inf; the source checkpoint is broken")
         return t
 

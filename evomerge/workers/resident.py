@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io.model_dir import ModelDir
+from ..io.safetensors_file import has_nonfinite
 
 
 class ResidentModel:
@@ -27,7 +28,7 @@ class ResidentModel:
         self.tensors: dict[str, torch.Tensor] = {}
         for name in md.entries:
             t = state[name] if name in state else md.get(name).to(device)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if has_nonfinite(t):
                 raise UserError(f"{path}: tensor {name} holds NaN or Inf; the source checkpoint is broken")
             self.tensors[name] = t
         self.entries = self.tensors

@@ -56,8 +56,10 @@ def _shift(x: str) -> str:
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("rev", "rev", "r", "abcdefgh", lambda x: x[::-1]),
-        Skill("sft", "sft", "s", "0123456789", _shift),
+        # Short tags (mirror, next, order) share no letter with any alphabet or verbose tag:
+        # a base that read "s:" as "sft" already knew the skill in the short format.
+        Skill("rev", "rev", "m", "abcdefgh", lambda x: x[::-1]),
+        Skill("sft", "sft", "n", "0123456789", _shift),
         Skill("srt", "srt", "o", "qrstuvwx", lambda x: "".join(sorted(x))),
     )
 }
