@@ -19,6 +19,8 @@ from pathlib import Path  # noqa: E402
 
 from lm_eval.evaluator import evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from evomerge.fitness.fast_lm import FastHFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from evomerge.errors import UserError, nearest  # noqa: E402
@@ -57,6 +59,8 @@ class Evaluator:
 
         names = list(dict.fromkeys(t.task for t in self.terms))
         self._task_dict = self._load_tasks(names)
+        for task in self._task_dict["tasks"].values():
+            _reuse_requests(task)
         self._check_metrics()
         self._lm: HFLM | None = None
         self._lm_model = None
@@ -121,10 +125,14 @@ class Evaluator:
 
     def _lm_for(self, model, tokenizer) -> HFLM:
         # HFLM reads weights through the model object at every forward pass, so one wrapper
-        # serves every weight set written into that object.
-        if self._lm is None or self._lm_model is not model or self._lm_tokenizer is not tokenizer:
-            self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
-            self._lm_model, self._lm_tokenizer = model, tokenizer
+        # serves every weight set written into that object; a new model object of the same
+        # kind (a DFS view) is swapped in rather than wrapped anew.
+        if self._lm is None or self._lm_tokenizer is not tokenizer or type(self._lm_model) is not type(model):
+            self._lm = FastHFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            self._lm_tokenizer = tokenizer
+        elif self._lm_model is not model:
+            self._lm._model = model
+        self._lm_model = model
         return self._lm
 
     def score_model(self, model, tokenizer) -> Result:
@@ -150,6 +158,29 @@ class Evaluator:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(self.device)
         return self.score_model(model, tokenizer)
+
+
+def _reuse_requests(task) -> None:
+    """Build a task's requests on the first evaluation only.
+
+    ``evaluate`` rebuilds every request from the documents on each call, which costs
+    more than the tiny models' forward passes; the requests do not depend on the
+    weights, so later calls get the same instances with their responses cleared.
+    """
+    build = task.build_all_requests
+    built: dict = {}
+
+    def build_once(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in built:
+            build(*args, **kwargs)
+            built[key] = list(task._instances)
+        for instance in built[key]:
+            instance.resps = []
+            instance.filtered_resps = {}
+        task._instances = list(built[key])
+
+    task.build_all_requests = build_once
 
 
 def check_model_dir(path: Path) -> None:

@@ -36,6 +36,9 @@ class CandidateWorker:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         torch.set_grad_enabled(False)
         self.cfg = SearchConfig.model_validate(config)
+        # one worker per CPU slot: more threads than its slot make OpenMP spin against the
+        # other workers, which slowed small models' forward passes a hundredfold here
+        torch.set_num_threads(max(1, int(self.cfg.workers.cpus_per_worker)))
         self.device = device
         self.worker_id = worker_id
         self.sources = {ref: ResidentModel(ref, device) for ref in self.cfg.model_refs()}
