@@ -163,17 +163,15 @@ class StreamingWriter:
         self._f.close()
 
 
-# exponent bits all ones = Inf or NaN; integer ops on the raw bits run at memory speed,
-# where torch.isfinite on bf16 is several times slower on the CPU
-_EXPONENT_MASKS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-                   torch.float32: (torch.int32, 0x7F800000)}
-
-
 def has_nonfinite(t: torch.Tensor) -> bool:
-    """Whether a floating tensor holds a NaN or an Inf."""
+    """Whether a floating tensor holds a NaN or an Inf.
+
+    A float32 sum propagates any NaN/Inf in one vectorized pass (torch.isfinite on bf16
+    is several times slower on the CPU); only a non-finite sum, which finite weights
+    reach only beyond 1e38, is confirmed by the exact elementwise test.
+    """
     if not t.is_floating_point():
         return False
-    if t.dtype in _EXPONENT_MASKS:
-        int_type, mask = _EXPONENT_MASKS[t.dtype]
-        return bool(((t.view(int_type) & mask) == mask).any())
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return False
     return not bool(torch.isfinite(t).all())
