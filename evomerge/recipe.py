@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from .errors import UserError
+from .yaml_files import read_yaml, validate
 
 MERGE_SOURCE = "merge"  # a routing slot's source naming the recipe's own PS merge
 DTYPES = ("float32", "float16", "bfloat16")
@@ -159,26 +160,11 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         raise UserError(f"{where}: expected a YAML mapping with merge_method/models or routing")
     if "modules" in data:
         raise UserError(f"{where}: mergekit 'modules' (multi-module models) are not supported; use 'models' or 'slices'")
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "recipe"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise UserError(f"{where}: {loc}: {msg}") from None
+    return validate(Recipe, data, where)
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"recipe file {str(path)!r} not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{at}") from None
-    return parse_recipe(data, where=str(path))
+    return parse_recipe(read_yaml(path, "recipe file"), where=str(path))
 
 
 def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from ..errors import UserError
 from ..recipe import MERGE_SOURCE
+from ..yaml_files import read_yaml, validate
 
 
 class _Frozen(BaseModel):
@@ -162,12 +163,7 @@ def _resolve(ref: str, base_dir: Path) -> str:
 def parse_search_config(data: Any, base_dir: Path, where: str = "config") -> SearchConfig:
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a YAML mapping (see search_spaces/ for examples)")
-    try:
-        cfg = SearchConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
-        raise UserError(f"{where}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    cfg = validate(SearchConfig, data, where)
     mapping = {r: _resolve(r, base_dir) for r in cfg.model_refs()}
     update: dict[str, Any] = {"models": [mapping[m] for m in cfg.models]}
     if cfg.base_model:
@@ -186,13 +182,7 @@ def parse_search_config(data: Any, base_dir: Path, where: str = "config") -> Sea
 
 def load_search_config(path: str | Path) -> SearchConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"search config {str(path)!r} not found (shipped examples: search_spaces/*.yaml)") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    data = read_yaml(path, "search config")
     return parse_search_config(data, path.resolve().parent, where=str(path))
 
 
