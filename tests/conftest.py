@@ -102,14 +102,22 @@ def tiny_zoo(tmp_path_factory):
     return build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", preset="tiny", progress=False)
 
 
+def zoo_skills(zoo: Path) -> list[str]:
+    """The zoo's specialists, as its manifest names them (their tasks are <skill>_search/_test)."""
+    import json
+
+    return [name for name in json.loads((zoo / "zoo.json").read_text())["models"] if name != "base"]
+
+
 def search_config(zoo: Path, path: Path, **over) -> Path:
-    """A small search config over the tiny zoo; ``over`` replaces top-level sections."""
+    """A small search config over the tiny zoo's first two specialists; ``over`` replaces top-level sections."""
+    a, b = zoo_skills(zoo)[:2]
     data = {
         "base_model": str(zoo / "base"),
-        "models": [str(zoo / "rev"), str(zoo / "sft")],
+        "models": [str(zoo / a), str(zoo / b)],
         "ps": {"method": "task_arithmetic", "layer_granularity": 2},
-        "fitness": {"tasks": [{"task": "rev_search", "metric": "logprob"}, {"task": "sft_search", "metric": "logprob"}], "limit": 6},
-        "test": [{"task": "rev_test"}, {"task": "sft_test"}],
+        "fitness": {"tasks": [{"task": f"{a}_search", "metric": "logprob"}, {"task": f"{b}_search", "metric": "logprob"}], "limit": 6},
+        "test": [{"task": f"{a}_test"}, {"task": f"{b}_test"}],
         "optimizer": {"popsize": 4, "max_evals": 12, "seed": 0},
         "workers": {"count": 0},
     }

@@ -20,7 +20,7 @@ from evomerge.run.rundir import RunDir
 from evomerge.run.search import build_space
 from evomerge.space.config import load_search_config
 
-from conftest import search_config
+from conftest import search_config, zoo_skills
 
 FIELDS = {"eval_id", "generation", "genome", "recipe_hash", "scores", "fitness", "wall_s", "worker", "error"}
 
@@ -45,7 +45,8 @@ def test_in_process_search_run_dir_and_export(tiny_zoo, tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(tmp_path / "best.yaml"), "--model", str(tmp_path / "model")]) == 0
     best = max(h, key=lambda e: (e["fitness"], -e["eval_id"]))
-    assert main(["eval", str(tmp_path / "model"), "--tasks", "rev_search:logprob,sft_search:logprob", "--limit", "6", "--json"]) == 0
+    tasks = ",".join(f"{t}:logprob" for t in best["scores"])
+    assert main(["eval", str(tmp_path / "model"), "--tasks", tasks, "--limit", "6", "--json"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for task, metrics in best["scores"].items():
         for metric, value in metrics.items():
@@ -89,7 +90,7 @@ def test_codec_round_trip(tiny_zoo, tmp_path):
 
 def test_identical_recipes_are_scored_once(tiny_zoo, tmp_path):
     # a DFS space over one 2-layer source has few distinct paths, so genomes repeat recipes
-    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", ps=None, models=[str(tiny_zoo / "rev")],
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", ps=None, models=[str(tiny_zoo / zoo_skills(tiny_zoo)[0])],
                         dfs={"repeats": 1, "scales": False}, optimizer={"popsize": 6, "max_evals": 18})
     run = tmp_path / "run"
     assert main(["search", str(cfg), "--run-dir", str(run), "--quiet"]) == 0
@@ -172,7 +173,7 @@ def test_killed_ray_actor_is_replaced_and_candidate_rerun(tiny_zoo, tmp_path):
 
 @pytest.mark.parametrize("over, fragment", [
     ({"models": ["/nowhere/model"]}, "does not exist"),
-    ({"fitness": {"tasks": [{"task": "rev_serch"}]}}, "did you mean 'rev_search'"),
+    ({"fitness": {"tasks": [{"task": "sft_serch"}]}}, "did you mean 'sft_search'"),
     ({"ps": {"method": "task_arithmetic", "tune": {"weight": [1.0, 0.5]}}}, "low < high"),
     ({"optimizer": {"popsize": 1}}, "popsize"),
     ({"workers": {"count": 1, "gpus_per_worker": 1}}, "GPU"),

@@ -124,99 +124,118 @@ def _diff(a, b, path="") -> list[str]:
 
 def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=None) -> Path:
     cfg = rd.load_config()
-    space = build_space(cfg)
-    o = cfg.optimizer
-    opt = make_optimizer(o.backend, space.dim, seed=o.seed, popsize=o.popsize, sigma0=o.sigma0, x0=space.default_x0())
-    ckpt = rd.load_checkpoint()
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-    history = rd.read_history()
-    done = {e["eval_id"]: e for e in history}
-    cache = {e["recipe_hash"]: e for e in history if e.get("error") is None and e.get("fitness") is not None}
-    best = max((e for e in history if e.get("fitness") is not None), key=lambda e: e["fitness"], default=None)
-    generations = math.ceil(o.max_evals / o.popsize)
-
-    pool = pool or _make_pool(cfg, ray_address)
-    bar = tqdm(total=generations * o.popsize, initial=min(len(done), generations * o.popsize), desc="search",
-               unit="cand", disable=not progress, dynamic_ncols=True)
+    search = _Search(rd, cfg, pool or _make_pool(cfg, ray_address), progress)
     try:
-        while opt.generation < generations:
-            gen = opt.generation
-            genomes = opt.ask()
-            entries: list[dict | None] = [None] * len(genomes)
-            waiting: dict[str, list[int]] = {}  # recipe hash -> candidate indices sharing it
-            recipes = {}
-            for i, x in enumerate(genomes):
-                eval_id = gen * o.popsize + i
-                if eval_id in done and np.allclose(done[eval_id]["genome"], x, atol=1e-12):
-                    entries[i] = done[eval_id]  # scored before a crash
-                    continue
-                recipe = space.decode(x)
-                h = recipe.hash()
-                base = {"eval_id": eval_id, "generation": gen, "genome": [float(v) for v in x], "recipe_hash": h}
-                if h in cache:
-                    hit = cache[h]
-                    entries[i] = {**base, "scores": hit["scores"], "fitness": hit["fitness"], "wall_s": 0.0,
-                                  "worker": None, "error": None, "cached": True}
-                    _record(rd, entries[i], bar)
-                    continue
-                if h not in waiting:
-                    recipes[h] = (recipe.to_dict(), base)
-                    pool.submit((h, 1), recipes[h][0])
-                waiting.setdefault(h, []).append(i)
-            while pool.pending:
-                out = pool.next_outcome()
-                h, attempt = out.tag
-                if out.result is None and attempt < MAX_ATTEMPTS:
-                    rd.log(f"generation {gen}: candidate {h} failed ({out.error}); running it again")
-                    pool.submit((h, attempt + 1), recipes[h][0])
-                    continue
-                r = out.result or {}
-                fitness = r.get("fitness")
-                error = out.error
-                if fitness is not None and not math.isfinite(fitness):
-                    fitness, error = None, f"non-finite fitness {fitness}"
-                for n, i in enumerate(waiting[h]):
-                    base = {**recipes[h][1], "eval_id": gen * o.popsize + i, "genome": [float(v) for v in genomes[i]]}
-                    entries[i] = {**base, "scores": r.get("scores"), "fitness": fitness, "wall_s": r.get("wall_s", 0.0) if n == 0 else 0.0,
-                                  "merge_s": r.get("merge_s"), "eval_s": r.get("eval_s"), "forward_s": r.get("forward_s"),
-                                  "worker": r.get("worker"),
-                                  "error": error, "cached": n > 0}
-                    _record(rd, entries[i], bar)
-                if error is None:
-                    cache[h] = entries[waiting[h][0]]
-                    if best is None or fitness > best["fitness"]:
-                        best = entries[waiting[h][0]]
-                        atomic_write_text(rd.best, space.decode(np.array(best["genome"])).to_yaml())
-                        bar.set_postfix(gen=gen, best=f"{best['fitness']:.4f}")
-            # failures tell the optimizer the worst value seen (it maps NaN to that)
-            opt.tell(genomes, [e["fitness"] if e["fitness"] is not None else float("nan") for e in entries])
-            rd.save_checkpoint({"optimizer": opt.state_dict(), "generation": opt.generation})
-            rd.log(f"generation {gen} done: best {best['fitness'] if best else None}")
-        utilization = pool.usage.utilization(pool.size)
-        bar.close()
-        if best is None:
-            raise UserError("every candidate failed; see the errors in history.jsonl")
-        summary = (f"best fitness {best['fitness']:.4f} at eval {best['eval_id']}; "
-                   f"worker utilization {utilization:.0%}; best recipe: {rd.best}")
-        rd.log(summary)
-        if progress:
-            print(summary)
-        if cfg.test:
-            order, results = score_table(pool, cfg, space.decode(np.array(best["genome"])))
-            table = format_table(cfg, order, results)
-            atomic_write_text(rd.results, f"# {rd.path.name}: test split\n\n{table}\n\n{summary}\n")
-            atomic_write_text(rd.path / "results.json", json.dumps({"rows": results, "utilization": utilization,
-                                                                    "best_eval_id": best["eval_id"]}, indent=1))
-            rd.log("test-split table written to results.md")
-            if progress:
-                print(table)
+        while search.opt.generation < search.generations:
+            search.generation()
+        search.finish()
     finally:
-        bar.close()
-        pool.close()
+        search.close()
     return rd.path
 
 
-def _record(rd: RunDir, entry: dict, bar) -> None:
-    rd.append(entry)
-    bar.update(1)
+class _Search:
+    """The state of one search between generations, rebuilt from the run dir on resume."""
+
+    def __init__(self, rd: RunDir, cfg: SearchConfig, pool, progress: bool):
+        self.rd, self.cfg, self.pool, self.progress = rd, cfg, pool, progress
+        self.space = build_space(cfg)
+        o = cfg.optimizer
+        self.opt = make_optimizer(o.backend, self.space.dim, seed=o.seed, popsize=o.popsize, sigma0=o.sigma0,
+                                  x0=self.space.default_x0())
+        ckpt = rd.load_checkpoint()
+        if ckpt is not None:
+            self.opt.load_state_dict(ckpt["optimizer"])
+        history = rd.read_history()
+        self.done = {e["eval_id"]: e for e in history}  # scored before a crash, by candidate id
+        self.cache = {e["recipe_hash"]: e for e in history if e.get("error") is None and e.get("fitness") is not None}
+        self.best = max((e for e in history if e.get("fitness") is not None), key=lambda e: e["fitness"], default=None)
+        self.generations = math.ceil(o.max_evals / o.popsize)
+        total = self.generations * o.popsize
+        self.bar = tqdm(total=total, initial=min(len(self.done), total), desc="search", unit="cand",
+                        disable=not progress, dynamic_ncols=True)
+
+    def generation(self) -> None:
+        """Ask, score every new recipe once (as workers free up), tell, checkpoint."""
+        gen, pop = self.opt.generation, self.cfg.optimizer.popsize
+        genomes = self.opt.ask()
+        entries: list[dict | None] = [None] * len(genomes)
+        waiting: dict[str, list[int]] = {}  # recipe hash -> indices of the candidates sharing it
+        recipes: dict[str, dict] = {}
+        for i, x in enumerate(genomes):
+            eval_id = gen * pop + i
+            if eval_id in self.done and np.allclose(self.done[eval_id]["genome"], x, atol=1e-12):
+                entries[i] = self.done[eval_id]
+                continue
+            recipe = self.space.decode(x)
+            h = recipe.hash()
+            if h in self.cache:
+                hit = self.cache[h]
+                entries[i] = self._record(gen, i, x, h, {"scores": hit["scores"], "fitness": hit["fitness"]}, None, cached=True)
+            else:
+                if h not in waiting:
+                    recipes[h] = recipe.to_dict()
+                    self.pool.submit((h, 1), recipes[h])
+                waiting.setdefault(h, []).append(i)
+        while self.pool.pending:
+            out = self.pool.next_outcome()
+            h, attempt = out.tag
+            if out.result is None and attempt < MAX_ATTEMPTS:
+                self.rd.log(f"generation {gen}: candidate {h} failed ({out.error}); running it again")
+                self.pool.submit((h, attempt + 1), recipes[h])
+                continue
+            result, error = out.result or {}, out.error
+            if result.get("fitness") is not None and not math.isfinite(result["fitness"]):
+                error = f"non-finite fitness {result['fitness']}"
+                result = {**result, "fitness": None}
+            for n, i in enumerate(waiting[h]):
+                entries[i] = self._record(gen, i, genomes[i], h, result, error, cached=n > 0)
+            if error is None:
+                self._improve(entries[waiting[h][0]])
+        # failed candidates tell the optimizer NaN, which it maps to the worst value seen
+        self.opt.tell(genomes, [e["fitness"] if e["fitness"] is not None else float("nan") for e in entries])
+        self.rd.save_checkpoint({"optimizer": self.opt.state_dict(), "generation": self.opt.generation})
+        self.rd.log(f"generation {gen} done: best {self.best['fitness'] if self.best else None}")
+
+    def _record(self, gen: int, i: int, genome, h: str, result: dict, error: str | None, cached: bool) -> dict:
+        entry = {"eval_id": gen * self.cfg.optimizer.popsize + i, "generation": gen, "genome": [float(v) for v in genome],
+                 "recipe_hash": h, "scores": result.get("scores"), "fitness": result.get("fitness"),
+                 "wall_s": 0.0 if cached else result.get("wall_s", 0.0), "merge_s": None if cached else result.get("merge_s"),
+                 "eval_s": None if cached else result.get("eval_s"), "forward_s": None if cached else result.get("forward_s"),
+                 "worker": None if cached else result.get("worker"), "error": error, "cached": cached}
+        self.rd.append(entry)
+        self.bar.update(1)
+        return entry
+
+    def _improve(self, entry: dict) -> None:
+        self.cache[entry["recipe_hash"]] = entry
+        if self.best is None or entry["fitness"] > self.best["fitness"]:
+            self.best = entry
+            atomic_write_text(self.rd.best, self.space.decode(np.array(entry["genome"])).to_yaml())
+            self.bar.set_postfix(gen=entry["generation"], best=f"{entry['fitness']:.4f}")
+
+    def finish(self) -> None:
+        """The summary line and, when the config names test tasks, the comparison table."""
+        utilization = self.pool.usage.utilization(self.pool.size)
+        self.bar.close()
+        if self.best is None:
+            raise UserError("every candidate failed; see the errors in history.jsonl")
+        rd, best = self.rd, self.best
+        summary = (f"best fitness {best['fitness']:.4f} at eval {best['eval_id']}; "
+                   f"worker utilization {utilization:.0%}; best recipe: {rd.best}")
+        rd.log(summary)
+        if self.progress:
+            print(summary)
+        if self.cfg.test:
+            order, results = score_table(self.pool, self.cfg, self.space.decode(np.array(best["genome"])))
+            table = format_table(self.cfg, order, results)
+            atomic_write_text(rd.results, f"# {rd.path.name}: test split\n\n{table}\n\n{summary}\n")
+            atomic_write_text(rd.path / "results.json", json.dumps(
+                {"rows": results, "utilization": utilization, "best_eval_id": best["eval_id"]}, indent=1))
+            rd.log("test-split table written to results.md")
+            if self.progress:
+                print(table)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.pool.close()
