@@ -5,7 +5,7 @@ safetensors dirs, then runs `evomerge merge` in a child process for a linear and
 and prints each one's wall time and peak RSS, and the TIES/linear time ratio (target <= 1.5;
 mergekit's argsort TIES takes ~5x) and peak RSS (target < 1.5 GB).
 
-    python bench/bench_merge.py [--dir /tmp/evomerge_bench] [--layers 12]
+    python bench/bench_merge.py [--dir /tmp/evomerge_bench] [--layers 12] [--threads 2]
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ def make_family(root: Path, layers: int) -> dict[str, Path]:
     return out
 
 
-def run_merge(recipe: Path, out: Path) -> tuple[float, float]:
+def run_merge(recipe: Path, out: Path, threads: int) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one `evomerge merge` child process."""
-    code = ("import resource, sys, time; from evomerge.cli import main; t=time.perf_counter(); "
+    code = (f"import resource, sys, time, torch; torch.set_num_threads({threads}); "
+            "from evomerge.cli import main; t=time.perf_counter(); "
             f"rc=main(['merge', '{recipe}', '{out}', '--force', '--quiet']); "
             "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -64,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/evomerge_bench")
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each merge (1 steadies timings on a busy machine)")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.dir)
@@ -83,7 +85,7 @@ def main() -> None:
     for name, data in recipes.items():
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
-        results[name] = min((run_merge(path, root / f"out_{name}") for _ in range(2)), key=lambda r: r[0])
+        results[name] = min((run_merge(path, root / f"out_{name}", args.threads) for _ in range(3)), key=lambda r: r[0])
         print(f"{name:7s} wall {results[name][0]:6.2f} s   peak RSS {results[name][1]:.2f} GB")
     print(f"ties/linear time ratio: {results['ties'][0] / results['linear'][0]:.2f} (target <= 1.5)")
     print(f"max peak RSS: {max(r[1] for r in results.values()):.2f} GB (target < 1.5)")

@@ -26,7 +26,7 @@ from evomerge.merge import rng
 RESCALES = ("l1", "inverse_density", "none")
 L1_EPS = 1e-7  # below this L1 norm a rescale would amplify noise, so mergekit skips it
 
-def kth_smallest(values: Tensor, rank: int) -> Tensor:
+def kth_smallest(values: Tensor, rank: int, owned: bool = False) -> Tensor:
     """The ``rank``-th smallest (1-based) of flat float32 ``values``, exactly, in O(n), as a 0-dim tensor.
 
     On the CPU numpy's SIMD introselect (``np.partition``) runs about 20x faster than
@@ -37,8 +37,11 @@ def kth_smallest(values: Tensor, rank: int) -> Tensor:
     if not 1 <= rank <= n:
         raise ValueError(f"rank {rank} outside 1..{n}")
     if values.device.type == "cpu":
-        picked = np.partition(values.detach().reshape(-1).numpy(), rank - 1)[rank - 1]
-        return torch.tensor(float(picked), dtype=torch.float32)
+        flat = values.detach().reshape(-1).numpy()
+        if owned:  # the caller's scratch copy: partition it in place, saving a copy of n floats
+            flat.partition(rank - 1)
+            return torch.tensor(float(flat[rank - 1]), dtype=torch.float32)
+        return torch.tensor(float(np.partition(flat, rank - 1)[rank - 1]), dtype=torch.float32)
     return torch.kthvalue(values.reshape(-1), rank).values
 
 
@@ -74,7 +77,7 @@ def _ranked(delta: Tensor | None, sorted_abs: Tensor | None) -> tuple[Tensor, bo
 
 def _order_stat(source: tuple[Tensor, bool], rank: int) -> Tensor:
     values, is_sorted = source
-    return values[rank - 1].to(torch.float32) if is_sorted else kth_smallest(values, rank)
+    return values[rank - 1].to(torch.float32) if is_sorted else kth_smallest(values, rank, owned=True)
 
 
 def _size(source: tuple[Tensor, bool]) -> tuple[int, torch.device]:
