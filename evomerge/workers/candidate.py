@@ -34,11 +34,9 @@ class CandidateWorker:
         import logging
 
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        torch.set_grad_enabled(False)
+        # Thread count: Ray sets OMP_NUM_THREADS to each actor's CPUs; more threads than that
+        # spin against the other workers and slowed small models' forwards a hundredfold here.
         self.cfg = SearchConfig.model_validate(config)
-        # one worker per CPU slot: more threads than its slot make OpenMP spin against the
-        # other workers, which slowed small models' forward passes a hundredfold here
-        torch.set_num_threads(max(1, int(self.cfg.workers.cpus_per_worker)))
         self.device = device
         self.worker_id = worker_id
         self.sources = {ref: ResidentModel(ref, device) for ref in self.cfg.model_refs()}
@@ -90,6 +88,7 @@ class CandidateWorker:
                 types.append(src_types[slot.layer])
         return routed_view(model_of(emb), prefix, layers, home.arch.layer_count_key, types or None)
 
+    @torch.no_grad()
     def evaluate(self, recipe_data: dict, split: str = "search") -> dict:
         t0 = time.perf_counter()
         recipe = parse_recipe(recipe_data, where="candidate")
