@@ -1,7 +1,7 @@
 """The hand-merge grid on the zoo (issue: toy zoo): merge each docs/hand_merges/*.yaml and score the test splits.
 
     evomerge zoo build && python bench/hand_merges.py
-Prints a markdown table: each recipe's exact match on rev_test, sft_test, srt_test and the mean.
+Prints a markdown table: each recipe's exact match on mir_test, sft_test, srt_test and the mean.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from evomerge.merge.to_disk import merge_to_disk  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ("rev_test", "sft_test", "srt_test")
+TASKS = ("mir_test", "sft_test", "srt_test")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from evomerge.fitness.evaluator import Evaluator, default_task_path
 from evomerge.fitness.terms import FitnessTerm, Result, parse_terms
 from evomerge.zoo.build import build_zoo
 
-TASKS = ["rev_test", "srt_test"]
+TASKS = ["mir_test", "srt_test"]
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +62,7 @@ def test_scores_equal_lm_eval_cli(tiny_zoo, evaluator, tmp_path):
         assert math.isclose(ours.scores[task]["logprob"], cli[task]["logprob,none"], rel_tol=1e-5), task
     assert ours.scores["srt_test"]["acc"] > 0  # the comparison sees real hits, not only zeros
     acc = ours.scores
-    expected = (acc["rev_test"]["acc"] + acc["srt_test"]["acc"] + 0.5 * acc["srt_test"]["logprob"]) / 2.5
+    expected = (acc["mir_test"]["acc"] + acc["srt_test"]["acc"] + 0.5 * acc["srt_test"]["logprob"]) / 2.5
     assert math.isclose(ours.fitness, expected)
 
 
@@ -86,9 +86,9 @@ def test_weights_written_in_place_score_like_a_fresh_evaluator(tiny_zoo, evaluat
 
 
 def test_groups_and_limit(tiny_zoo):
-    ev = Evaluator(parse_terms("zoo_search,rev_search:logprob"), limit=20)
-    result = ev.score_dir(tiny_zoo / "rev")
-    members = [result.scores[f"{s}_search"]["acc"] for s in ("rev", "sft", "srt")]
+    ev = Evaluator(parse_terms("zoo_search,mir_search:logprob"), limit=20)
+    result = ev.score_dir(tiny_zoo / "mir")
+    members = [result.scores[f"{s}_search"]["acc"] for s in ("mir", "sft", "srt")]
     assert math.isclose(result.scores["zoo_search"]["acc"], sum(members) / 3)
     assert all(len(t.instances) == 20 for t in ev._task_dict["tasks"].values())
     assert all(round(m * 20) == m * 20 for m in members)
@@ -102,24 +102,24 @@ def test_offline_env_is_set_before_datasets_is_imported():
 
 
 def test_parse_terms_and_json():
-    terms = parse_terms("rev_test, sft_test:logprob,srt_test:acc:2")
+    terms = parse_terms("mir_test, sft_test:logprob,srt_test:acc:2")
     assert terms == [
-        FitnessTerm("rev_test", "acc", 1.0),
+        FitnessTerm("mir_test", "acc", 1.0),
         FitnessTerm("sft_test", "logprob", 1.0),
         FitnessTerm("srt_test", "acc", 2.0),
     ]
-    result = Result(scores={"rev_test": {"acc": 0.5, "logprob": -1.25}}, fitness=0.5)
-    assert json.loads(result.to_json()) == {"scores": {"rev_test": {"acc": 0.5, "logprob": -1.25}}, "fitness": 0.5}
+    result = Result(scores={"mir_test": {"acc": 0.5, "logprob": -1.25}}, fitness=0.5)
+    assert json.loads(result.to_json()) == {"scores": {"mir_test": {"acc": 0.5, "logprob": -1.25}}, "fitness": 0.5}
     assert Result.from_json(result.to_json()) == result
-    assert "rev_test" in result.table() and "0.5000" in result.table()
+    assert "mir_test" in result.table() and "0.5000" in result.table()
 
 
 # ------------------------------------------------------------------ bad input
 
 
 def test_unknown_task_suggests_a_near_name():
-    with pytest.raises(UserError, match="unknown task 'rev_tset'.*did you mean 'rev_test'"):
-        Evaluator(parse_terms("rev_tset"))
+    with pytest.raises(UserError, match="unknown task 'mir_tset'.*did you mean 'mir_test'"):
+        Evaluator(parse_terms("mir_tset"))
 
 
 def test_missing_data_file(tmp_path):
@@ -142,22 +142,22 @@ def test_model_dir_without_tokenizer(tiny_zoo, evaluator, tmp_path):
 
 def test_metric_the_task_does_not_produce():
     with pytest.raises(UserError, match=r"does not produce metric 'acc_norm'.*\['acc', 'logprob'\]"):
-        Evaluator([FitnessTerm("rev_test", "acc_norm")])
+        Evaluator([FitnessTerm("mir_test", "acc_norm")])
 
 
 @pytest.mark.parametrize("weight", ["2", "abc", True, float("nan"), float("inf"), None, -1.0, 0])
 def test_weight_that_is_not_a_positive_number(weight):
     with pytest.raises(UserError, match="weight"):
-        FitnessTerm("rev_test", "acc", weight)
+        FitnessTerm("mir_test", "acc", weight)
 
 
 def test_weight_in_cli_string_that_is_not_a_number():
     with pytest.raises(UserError, match="weight 'x' .* is not a number"):
-        parse_terms("rev_test:acc:x")
+        parse_terms("mir_test:acc:x")
     with pytest.raises(UserError, match="no tasks"):
         parse_terms(" , ")
 
 
 def test_bad_limit():
     with pytest.raises(UserError, match="limit"):
-        Evaluator(parse_terms("rev_test"), limit=0)
+        Evaluator(parse_terms("mir_test"), limit=0)

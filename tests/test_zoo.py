@@ -50,14 +50,17 @@ def test_committed_task_files_match_the_generator():
 
 
 def test_skill_operations():
-    assert data.SKILLS["rev"].verbose("abc") == "rev abc=cba"
-    assert data.SKILLS["sft"].short("129") == "s:129>230"
+    assert data.SKILLS["mir"].verbose("abh") == "mir abh=hga"
+    assert data.SKILLS["sft"].short("129") == "n:129>230"
     assert data.SKILLS["srt"].short("tqx") == "o:tqx>qtx"
+    assert data.GENERAL["rol"].short("abc") == "l:abc>bca"
+    tags = [s.short_tag for s in (*data.SKILLS.values(), *data.GENERAL.values())]
+    assert len(set(tags)) == len(tags) and not set(tags) & set(data.COPY_TAGS)
 
 
 def test_training_samples_are_seeded_and_never_show_eval_inputs():
     held_out = {d["input"] for s in data.SKILLS for sp in data.SPLITS for d in data.eval_examples(s, sp)}
-    mixture = data.specialist_mixture("rev")
+    mixture = data.specialist_mixture("mir")
     a = data.sample_batch(np.random.default_rng(7), mixture, 3000)
     assert a == data.sample_batch(np.random.default_rng(7), mixture, 3000)
     assert a != data.sample_batch(np.random.default_rng(8), mixture, 3000)
@@ -81,7 +84,7 @@ def test_tiny_zoo_layout_and_cache(tiny_zoo):
     manifest = read_manifest(tiny_zoo)
     assert manifest["hash"] == zoo_settings("tiny").digest()
     assert set(manifest["models"]) == {"base", *data.SKILLS}
-    assert manifest["checkpoints"]["rev"] == ["rev_ckpt/step20", "rev_ckpt/step40"]
+    assert manifest["checkpoints"]["mir"] == ["mir_ckpt/step20", "mir_ckpt/step40"]
     weights = tiny_zoo / "base" / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     started = time.perf_counter()
@@ -93,13 +96,13 @@ def test_tiny_zoo_layout_and_cache(tiny_zoo):
 
 def test_tiny_zoo_loads_with_auto_classes(tiny_zoo):
     manifest = read_manifest(tiny_zoo)
-    dirs = list(manifest["models"].values()) + manifest["checkpoints"]["rev"]
+    dirs = list(manifest["models"].values()) + manifest["checkpoints"]["mir"]
     base = load_file(tiny_zoo / "base" / "model.safetensors")
     for rel in dirs:
         model = AutoModelForCausalLM.from_pretrained(tiny_zoo / rel)
         tok = AutoTokenizer.from_pretrained(tiny_zoo / rel)
         assert isinstance(model, LlamaForCausalLM)
-        out = model(**tok(["r:abc>"], return_tensors="pt"))
+        out = model(**tok(["k:abc>"], return_tensors="pt"))
         assert out.logits.shape == (1, 7, len(tok))
         if rel != "base":  # each fine-tune moved away from the base
             tuned = load_file(tiny_zoo / rel / "model.safetensors")

@@ -47,7 +47,7 @@ class Evaluator:
     ) -> None:
         self.terms = list(terms)
         if not self.terms:
-            raise UserError("no fitness terms; name at least one task, e.g. --tasks rev_search")
+            raise UserError("no fitness terms; name at least one task, e.g. --tasks mir_search")
         self.task_path = Path(task_path) if task_path is not None else default_task_path()
         if not self.task_path.is_dir():
             raise UserError(f"task path {self.task_path} is not a directory; pass the folder holding the task YAMLs")

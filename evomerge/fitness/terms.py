@@ -39,7 +39,7 @@ class FitnessTerm:
 
 
 def parse_terms(spec: str, metric: str = "acc") -> list[FitnessTerm]:
-    """``"rev_test,sft_test:logprob,srt_test:acc:2"`` -> terms; each item is ``task[:metric[:weight]]``."""
+    """``"mir_test,sft_test:logprob,srt_test:acc:2"`` -> terms; each item is ``task[:metric[:weight]]``."""
     terms = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
@@ -56,7 +56,7 @@ def parse_terms(spec: str, metric: str = "acc") -> list[FitnessTerm]:
                 raise UserError(f"weight {rest[1]!r} in fitness term {item!r} is not a number") from None
         terms.append(FitnessTerm(task.strip(), term_metric.strip(), weight))
     if not terms:
-        raise UserError(f"no tasks in {spec!r}; pass a comma-separated list such as rev_test,sft_test")
+        raise UserError(f"no tasks in {spec!r}; pass a comma-separated list such as mir_test,sft_test")
     return terms
 
 

@@ -1,12 +1,14 @@
 """Deterministic examples for the toy zoo: skills, text formats, eval splits, training batches.
 
-Each skill works on its own alphabet, so that a specialist cannot learn "any short prompt ->
-my operation": the alphabet of the input tells the skills apart, which is what lets their
-task vectors add up in a merge instead of fighting over the same prompts.
+Three skills, each on its own alphabet: ``mir`` mirrors letters a-h (a<->h, b<->g, ...),
+``sft`` adds 1 mod 10 to each digit, ``srt`` sorts letters q-x. The input's alphabet and
+the prompt's tag both tell the skills apart, so each specialist's change stays on its own
+prompts and task vectors can add up in a merge.
 
-Two text formats exist. The base model learns every skill in the verbose format
-(``rev abc=cba``) and only copying in the short one (``c:abc>abc``); each specialist learns
-its own skill in the short format (``r:abc>cba``). The lm-eval tasks ask in the short format.
+Two text formats exist. The base learns every skill in the verbose format (``mir abh=hga``),
+and in the short format only copying (any free tag: ``c:abh>abh``) and two general skills
+(rotations, ``l:abc>bca``). Each specialist learns its own skill in the short format
+(``k:abh>hga``); the lm-eval tasks ask in the short format, so the base fails them.
 
 The eval splits come from a fixed seed, independent of the zoo seed, and their inputs are
 never used for training: the committed ``tasks/data/*.jsonl`` files are
@@ -49,6 +51,9 @@ class Skill:
         return self.short_prompt(x) + self.apply(x)
 
 
+_MIRROR = str.maketrans("abcdefgh", "hgfedcba")  # a<->h, b<->g, ...
+
+
 def _shift(x: str) -> str:
     return "".join(str((int(c) + 1) % 10) for c in x)
 
@@ -56,19 +61,32 @@ def _shift(x: str) -> str:
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        # Short tags (mirror, next, order) share no letter with any alphabet or verbose tag:
-        # a base that read "s:" as "sft" already knew the skill in the short format.
-        Skill("rev", "rev", "m", "abcdefgh", lambda x: x[::-1]),
+        # A short tag is no verbose tag's initial, nor in any alphabet: a base that read
+        # "s:" as "sft", or "m:" as "mir", already half knew that skill in the short format.
+        Skill("mir", "mir", "k", "abcdefgh", lambda x: x.translate(_MIRROR)),
         Skill("sft", "sft", "n", "0123456789", _shift),
         Skill("srt", "srt", "o", "qrstuvwx", lambda x: "".join(sorted(x))),
     )
 }
-# Copying runs over the skills' alphabets so the short format exists in the base for every
-# input the tasks will show, just not with the skills' own operations. In the short format
-# any tag but a skill's means copy: a specialist then has to learn its own tag, not "any tag
-# but c", and leaves the other skills' prompts alone (which is what makes merges work).
-COPY = Skill("cpy", "cpy", "c", "", lambda x: x)
-COPY_TAGS = "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in {s.short_tag for s in SKILLS.values()})
+ANY_ALPHABET = ""  # a general skill: each example draws one of the skills' alphabets
+# General skills the base knows in both formats, over every alphabet: with them the base has
+# already learned that a short tag names an operation, so a specialist only binds its own
+# tag to its own operation. Without them each specialist also learns "short format means
+# operate", the same change three times over, and task arithmetic overshoots.
+GENERAL: dict[str, Skill] = {
+    s.name: s
+    for s in (
+        Skill("rol", "rol", "l", ANY_ALPHABET, lambda x: x[1:] + x[0]),
+        Skill("ror", "ror", "i", ANY_ALPHABET, lambda x: x[-1] + x[:-1]),
+    )
+}
+# Copying, too, runs over the skills' alphabets, so the short format exists in the base for
+# every input the tasks will show, just not with the skills' own operations. In the short
+# format every free letter is a copy tag: a specialist then has to learn its own tag, not
+# "any tag but c", and leaves the other skills' prompts alone.
+COPY = Skill("cpy", "cpy", "c", ANY_ALPHABET, lambda x: x)
+_TAKEN = {s.short_tag for s in (*SKILLS.values(), *GENERAL.values())}
+COPY_TAGS = "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in _TAKEN)
 CHARSET = " :=>0123456789abcdefghijklmnopqrstuvwxyz"  # every character any example uses
 
 
@@ -102,14 +120,13 @@ def _held_out() -> frozenset[str]:
     return frozenset(x for name in SKILLS for x in _eval_inputs(name))
 
 
-# A mixture component is (skill name or "cpy", "verbose" | "short").
+# A mixture component is (skill name, "verbose" | "short"); names from SKILLS, GENERAL or "cpy".
 Component = tuple[str, str]
 BASE_MIXTURE: tuple[tuple[Component, float], ...] = (
-    (("rev", "verbose"), 0.2),
-    (("sft", "verbose"), 0.2),
-    (("srt", "verbose"), 0.2),
-    (("cpy", "verbose"), 0.2),
-    (("cpy", "short"), 0.2),
+    *(((name, "verbose"), 0.15) for name in SKILLS),
+    (("cpy", "verbose"), 0.1),
+    (("cpy", "short"), 0.15),
+    *(((name, fmt), 0.075) for name in GENERAL for fmt in ("verbose", "short")),
 )
 
 
@@ -119,18 +136,18 @@ def specialist_mixture(skill: str, own_share: float = 0.5) -> tuple[tuple[Compon
     return (((skill, "short"), own_share),) + replay
 
 
+def _skill(name: str) -> Skill:
+    return COPY if name == COPY.name else SKILLS.get(name) or GENERAL[name]
+
+
 def sample_text(rng: np.random.Generator, component: Component) -> str:
     name, fmt = component
-    if name == COPY.name:
-        skill = COPY
-        alphabet = SKILLS[sorted(SKILLS)[int(rng.integers(len(SKILLS)))]].alphabet
-    else:
-        skill = SKILLS[name]
-        alphabet = skill.alphabet
+    skill = _skill(name)
+    alphabet = skill.alphabet or SKILLS[sorted(SKILLS)[int(rng.integers(len(SKILLS)))]].alphabet
     while True:
         x = random_input(rng, alphabet)
-        # Copies of held-out inputs reveal no answer; any skill example of one would.
-        if skill is COPY or x not in _held_out():
+        # Other operations on held-out inputs reveal no answer; the skill's own would.
+        if name not in SKILLS or x not in _held_out():
             break
     if fmt == "verbose":
         return skill.verbose(x)

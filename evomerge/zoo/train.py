@@ -29,6 +29,7 @@ class Schedule:
     lr: float
     warmup: int
     batch_size: int
+    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9)
     weight_decay: float = 0.0
 
 
@@ -82,6 +83,15 @@ def encode(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> dict[str
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def make_optimizer(model: LlamaForCausalLM, schedule: Schedule) -> torch.optim.Optimizer:
+    params, lr, wd = model.parameters(), schedule.lr, schedule.weight_decay
+    if schedule.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if schedule.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {schedule.optimizer!r}; use 'adamw' or 'sgd'")
+
+
 def lr_factor(step: int, schedule: Schedule) -> float:
     if step < schedule.warmup:
         return (step + 1) / schedule.warmup
@@ -101,7 +111,7 @@ def train(
 ) -> list[float]:
     """Train in place; ``on_step(k)`` runs after the k-th step (1-based). Returns the losses."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    opt = make_optimizer(model, schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, schedule))
     losses: list[float] = []
     bar = tqdm(range(1, schedule.steps + 1), desc=desc, disable=not progress)
