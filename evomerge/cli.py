@@ -47,7 +47,8 @@ def cmd_eval(args) -> int:
 def cmd_zoo(args) -> int:
     from .zoo.build import DEFAULT_DIR, build_zoo
 
-    out = build_zoo(args.out_dir or DEFAULT_DIR, seed=args.seed, preset=args.preset, progress=not args.quiet)
+    out = build_zoo(args.out_dir or DEFAULT_DIR, seed=args.seed, preset=args.preset, progress=not args.quiet,
+                    threads=args.threads)
     print(f"zoo ready in {out}")
     return 0
 
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("out_dir", nargs="?", default=None, help="default runs/zoo")
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--preset", default="default", help="default, or tiny (seconds; for tests)")
+    z.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default 1: steady when other jobs share the machine; 2 is faster on an idle 2-core one)")
     z.add_argument("--quiet", action="store_true")
     z.set_defaults(func=cmd_zoo)
 
