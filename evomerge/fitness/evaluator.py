@@ -161,14 +161,16 @@ class Evaluator:
 
 
 def _reuse_requests(task) -> None:
-    """Build a task's requests on the first evaluation only.
+    """Build a task's requests, and read its documents, on the first evaluation only.
 
-    ``evaluate`` rebuilds every request from the documents on each call, which costs
-    more than the tiny models' forward passes; the requests do not depend on the
-    weights, so later calls get the same instances with their responses cleared.
+    ``evaluate`` rebuilds every request from the documents on each call and re-reads each
+    document from the dataset to score it, which together cost more than a tiny model's
+    forward passes; neither depends on the weights, so later calls get the same instances
+    (responses cleared) and the same documents.
     """
-    build = task.build_all_requests
+    build, iterate = task.build_all_requests, task.doc_iterator
     built: dict = {}
+    docs: dict = {}
 
     def build_once(*args, **kwargs):
         key = repr((args, sorted(kwargs.items())))
@@ -180,7 +182,14 @@ def _reuse_requests(task) -> None:
             instance.filtered_resps = {}
         task._instances = list(built[key])
 
+    def iterate_once(**kwargs):
+        key = repr(sorted(kwargs.items()))
+        if key not in docs:
+            docs[key] = list(iterate(**kwargs))
+        return iter(docs[key])
+
     task.build_all_requests = build_once
+    task.doc_iterator = iterate_once
 
 
 def check_model_dir(path: Path) -> None:
