@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from evomerge.errors import UserError
 from evomerge.io.model_dir import ModelDir

@@ -16,7 +16,6 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.recipe import load_recipe
-from evomerge.run.rundir import RunDir
 from evomerge.run.search import build_space
 from evomerge.space.config import load_search_config
 

@@ -12,7 +12,7 @@ the same tensors for the same recipe.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
 import torch
@@ -43,7 +43,6 @@ class Plan:
     outputs: list[Output]
     config: dict  # config.json of the result
     tokenizer_source: str
-    notes: list[str] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:

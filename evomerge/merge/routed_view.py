@@ -53,7 +53,7 @@ def routed_view(shell: nn.Module, layer_attr: str, layers: Sequence[tuple[nn.Mod
         config.layer_types = list(layer_types)
     view = _shallow(shell)
     view.config = config
-    parent, node = view, view
+    node = view
     *path, last = layer_attr.split(".")
     for name in path:
         child = _shallow(getattr(node, name))

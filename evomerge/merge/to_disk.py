@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from ..io.model_dir import ModelDir
 from ..io.safetensors_file import StreamingWriter, has_nonfinite
 from ..io.writer import atomic_dir, check_out_dir, copy_tokenizer, shard_layout, shard_names, write_json, write_text
 from ..recipe import Recipe
+from .expr import Merge
 from .materialize import Plan, compute, plan
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -42,7 +42,7 @@ def describe(p: Plan, sources: dict[str, ModelDir]) -> str:
     gib = 2**30
     lines = [f"sources ({len(sources)}):"]
     lines += [f"  {ref}: {s.arch.model_type}, {s.arch.num_layers} layers, {s.nbytes / gib:.2f} GiB" for ref, s in sources.items()]
-    merged = sum(1 for o in p.outputs if type(o.expr).__name__ == "Merge")
+    merged = sum(1 for o in p.outputs if isinstance(o.expr, Merge))
     lines.append(f"output: {len(p.outputs)} tensors ({merged} merged, {len(p.outputs) - merged} copied), {p.nbytes / gib:.2f} GiB")
     lines.append(f"peak memory estimate: {p.peak_bytes(sources) / gib:.2f} GiB working set beyond the interpreter (streamed per tensor)")
     lines.append(f"tokenizer from: {p.tokenizer_source}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ..io.model_dir import ModelDir
 from ..io.writer import atomic_write_text
 from ..optim.registry import make_optimizer
 from ..space.codec import SearchSpace
-from ..space.config import SearchConfig, config_to_yaml, load_search_config
+from ..space.config import SearchConfig, load_search_config
 from ..workers.pool import make_pool
 from .final import format_table, score_table
 from .rundir import RunDir

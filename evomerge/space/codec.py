@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..merge.kernels import get_kernel, with_defaults
-from ..recipe import MERGE_SOURCE, Recipe, Routing, Slot, parse_recipe
+from ..recipe import MERGE_SOURCE, Recipe, parse_recipe
 from .config import SearchConfig
 
 PARTS = (("attn", "attn"), ("mlp", "mlp"), ("rest", None))  # (name, filter); None = catch-all
