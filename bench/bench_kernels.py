@@ -15,8 +15,8 @@ tensor, the variants taking turns. Linear averages all three models, so it reads
   mergekit-style     argsort per tensor and unfused ops in the input dtype (written here
                      after mergekit 0.1.x's algorithm, as the baseline to beat)
 
-Target: ties/linear <= 1.5 on CPU for the search path. The first call of each compiled
-kernel variant (torch.compile) is excluded and reported as "first call".
+Target: ties/linear <= 1.5 on CPU for the search path. The first call of each variant
+(warm-up) is excluded and reported as "first call".
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main() -> None:
     biggest = max(range(n), key=lambda j: base[j].numel())
     for name in ["linear", "ties (sorted_abs)", "ties (select)", "dare_ties"]:
         start = time.perf_counter()
-        steps[name](biggest)  # compiles each kernel variant once; every shape reuses it
+        steps[name](biggest)  # warm-up: allocator, lazy initialization
         print(f"{name:22s} first call {time.perf_counter() - start:6.2f} s")
     # Rounds interleave the variants so that load from other processes hits them alike.
     seconds = {name: float("inf") for name in steps}

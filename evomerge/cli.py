@@ -18,6 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Library progress bars (lm-eval per evaluation, transformers per load) drown the search's own;
 # ours pass `disable=` explicitly, which this default does not override.
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Tensors of 2 MiB and more on transparent huge pages (torch reads this at its first large
+# allocation): a merge allocates fresh tensors per output tensor, and 4 KiB page faults
+# cost a CPU merge about a quarter of its time (bench/bench_merge.py).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .errors import UserError  # noqa: E402
 

@@ -129,14 +129,17 @@ def test_shard_layout():
     assert shard_layout([("a", 4), ("b", 4), ("c", 10), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
 
 
+@pytest.mark.parametrize("numel", [1000, (1 << 20) + 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_has_nonfinite(dtype):
+def test_has_nonfinite(dtype, numel):
     from evomerge.io.safetensors_file import has_nonfinite
 
-    t = torch.randn(1000).to(dtype) * 100
+    t = torch.randn(numel).to(dtype) * 100
     assert not has_nonfinite(t)
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        u = t.clone()
-        u[517] = bad
-        assert has_nonfinite(u)
+    for bad in (float("nan"), -float("nan"), float("inf"), -float("inf")):
+        for where in (0, 517, numel - 1):
+            u = t.clone()
+            u[where] = bad
+            assert has_nonfinite(u), (bad, where)
     assert not has_nonfinite(torch.arange(5))
+    assert not has_nonfinite(torch.empty(0, dtype=dtype))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evomerge.errors import UserError
-from evomerge.merge import rng, sparsify, task_vector
+from evomerge.merge import rng, sparsify, task_vector, threads
 from evomerge.merge.kernels import KERNELS, get_kernel, uses_sorted_abs, with_defaults
 
 TASK_VECTOR_KERNELS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
@@ -29,12 +29,6 @@ def minimal_params(name: str, n_models: int) -> tuple[list[dict], dict]:
     if name == "passthrough":
         return [{}] * n_models, {}
     return [{"weight": 0.5}] * n_models, {}
-
-
-@pytest.fixture(autouse=True)
-def eager(monkeypatch):
-    """Tests run the eager path unless they ask for compilation."""
-    monkeypatch.setenv("EVOMERGE_COMPILE", "0")
 
 
 # --- reference: mergekit's generalized task arithmetic, argsort-based -------------
@@ -217,6 +211,19 @@ def test_slerp_takes_exactly_one_other_model():
         run("slerp", [x, x], x, [{}, {}], {"t": 0.5})
 
 
+@pytest.mark.parametrize("weight", [0.5, 0.3])
+def test_ties_exact_cancellation_elects_plus(weight):
+    """bf16 fine-tunes often sit one step either side of the base: the weighted sum is
+    exactly 0 there, the elected sign is +, and the positive delta wins."""
+    base = torch.full((4,), 0.5, dtype=torch.bfloat16)
+    step = 2.0**-8  # one bf16 step at 0.5
+    a = base + torch.tensor([step, -step, 2 * step, 0.0], dtype=torch.bfloat16)
+    b = base + torch.tensor([-step, step, -step, 0.0], dtype=torch.bfloat16)
+    got = run("ties", [a, b], base, [{"weight": weight, "density": 1.0}] * 2)
+    want = torch.tensor([0.5 + step, 0.5 + step, 0.5 + 2 * step, 0.5])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # --- magnitude trim and selection ---------------------------------------------------
 
 
@@ -224,7 +231,7 @@ def test_slerp_takes_exactly_one_other_model():
 @pytest.mark.parametrize("density", [0.01, 0.5, 0.97])
 def test_magnitude_trim_keeps_exactly_k_like_argsort(numel, density):
     delta = randn(numel, seed=3)  # distinct magnitudes
-    threshold = sparsify.magnitude_threshold(delta, density)
+    threshold = sparsify.magnitude_threshold(sparsify.Magnitudes.of_values(delta.abs()), density)
     kept = delta.abs() >= threshold
     k = int(density * numel)
     assert int(kept.sum()) == k
@@ -232,13 +239,15 @@ def test_magnitude_trim_keeps_exactly_k_like_argsort(numel, density):
     reference[torch.argsort(delta.abs(), descending=True)[:k]] = True
     assert torch.equal(kept, reference)
     sorted_abs = sparsify.sorted_abs_delta(delta, torch.zeros(numel))
-    assert torch.equal(sparsify.magnitude_threshold(None, density, sorted_abs), threshold)
+    assert torch.equal(sparsify.magnitude_threshold(sparsify.Magnitudes.of_sorted(sorted_abs), density), threshold)
+    sampled = sparsify.Magnitudes.of_delta(delta, torch.zeros(numel))
+    assert torch.equal(sparsify.magnitude_threshold(sampled, density), threshold)
 
 
 def test_magnitude_threshold_edges():
     delta = randn(10)
-    assert float(sparsify.magnitude_threshold(delta, 1.0)) == 0.0
-    assert math.isinf(float(sparsify.magnitude_threshold(delta, 0.05)))  # k = 0 keeps none
+    assert float(sparsify.magnitude_threshold(sparsify.Magnitudes.of_values(delta.abs()), 1.0)) == 0.0
+    assert math.isinf(float(sparsify.magnitude_threshold(sparsify.Magnitudes.of_values(delta.abs()), 0.05)))  # k = 0 keeps none
 
 
 @pytest.mark.parametrize("rank_fraction", [0.0, 1e-5, 0.3, 0.5, 0.99999, 1.0])
@@ -252,6 +261,25 @@ def test_kth_smallest_matches_sort_on_big_tensors_with_ties(rank_fraction):
     strided_ties = torch.arange(n, dtype=torch.float32) % 7  # defeats a strided sample
     got = sparsify.kth_smallest(strided_ties, rank)
     assert got == strided_ties.sort().values[rank - 1]
+
+
+@pytest.mark.parametrize("fractions", [(0.5,), (1e-6, 0.999999), (0.0, 1.0), (0.3, 0.3)])
+def test_every_form_of_magnitudes_gives_the_exact_order_statistics(fractions):
+    n = (1 << 20) + 5
+    base = randn(n, seed=7, dtype=torch.bfloat16)
+    source = base.clone()
+    moved = torch.arange(n) % 3 != 0  # a third unchanged: many tied zero magnitudes
+    source[moved] = (base[moved].float() + 0.01 * randn(int(moved.sum()), seed=8)).bfloat16()
+    magnitudes = (source.float() - base.float()).abs()
+    reference = magnitudes.sort().values
+    ranks = [min(max(1, round(f * n)), n) for f in fractions]
+    want = [float(reference[r - 1]) for r in ranks]
+    forms = [sparsify.Magnitudes.of_delta(source, base), sparsify.Magnitudes.of_values(magnitudes),
+             sparsify.Magnitudes.of_values(magnitudes.clone(), owned=True),
+             sparsify.Magnitudes.of_sorted(sparsify.sorted_abs_delta(source, base))]
+    for form in forms:
+        assert [float(v) for v in form.kth(ranks)] == want
+    assert torch.equal(magnitudes, (source.float() - base.float()).abs())  # not owned: left as it was
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties"])
@@ -336,42 +364,108 @@ def test_rng_is_chunking_invariant_and_in_range():
 PINNED_BITS = [13380513, 741121, 12591, 8223688]
 
 
+@pytest.mark.parametrize("start, stop", [(0, 4), (0, 70_001), (123_457, 200_000), (2**32 - 5_000, 2**32)])
+def test_numpy_random_bits_equal_the_tensor_ones(start, stop):
+    keys = [rng.stream_key(0, 0), rng.stream_key(5, 3), 0, 2**32 - 1]
+    tensor_bits = rng.random_bits(torch.tensor(keys)[:, None], torch.arange(start, stop))
+    assert torch.equal(torch.from_numpy(rng.random_bits_range(keys, start, stop).astype("int64")), tensor_bits)
+
+
+def test_packed_dare_masks_unpack_to_the_tensor_masks(monkeypatch):
+    monkeypatch.setattr(sparsify, "_STEP", 1 << 12)  # several blocks, the last one partial
+    n, keys = 20_003, [rng.stream_key(3, 0), rng.stream_key(3, 1)]
+    cutoffs = [rng.keep_cutoff(d) for d in (0.3, 1.0)]
+    packed = sparsify.dare_keep_bits(keys, cutoffs, n)
+    want = sparsify.dare_keep(torch.arange(n), torch.tensor(keys)[:, None], torch.tensor(cutoffs)[:, None])
+    for start, stop in [(0, n), (5, 4_101), (4_096, 8_192), (19_999, n)]:  # unaligned starts too
+        assert torch.equal(sparsify.unpack_keep(packed, start, stop), want[:, start:stop].float())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_rng_and_dare_identical_on_cuda():
+@pytest.mark.parametrize("compile_mode", ["auto", "0"])  # auto: the fused kernel on CUDA
+@pytest.mark.parametrize("name", ["dare_ties", "ties", "breadcrumbs_ties"])
+def test_cuda_merges_equal_the_cpu_ones(name, compile_mode, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_COMPILE", compile_mode)
     index = torch.arange(0, 2_000_003, dtype=torch.int64)
     assert torch.equal(rng.uniform(9, 1, index), rng.uniform(9, 1, index.cuda()).cpu())
-    base = randn(1000, 700, seed=1)
-    xs = [base + randn(1000, 700, seed=2), base + randn(1000, 700, seed=3)]
-    params = [{"weight": 0.5, "density": 0.3}, {"weight": 0.7, "density": 0.6}]
-    on_cpu = run("dare_ties", xs, base, params, seed=4)
-    on_cuda = run("dare_ties", [x.cuda() for x in xs], base.cuda(), params, seed=4).cpu()
-    assert torch.equal(on_cpu != base, on_cuda != base)
+    base = randn(1000, 1100, seed=1, dtype=torch.bfloat16)  # above fused._MIN_NUMEL
+    xs = [(base.float() + 0.05 * randn(1000, 1100, seed=2 + i)).bfloat16() for i in range(2)]
+    params = [{"weight": 0.5, "density": 0.3, "gamma": 0.01}, {"weight": 0.7, "density": 0.6, "gamma": 0.02}]
+    declared = {spec.name for spec in get_kernel(name).params}
+    params = [{k: v for k, v in mp.items() if k in declared} for mp in params]
+    on_cpu = run(name, xs, base, params, seed=4)
+    on_cuda = run(name, [x.cuda() for x in xs], base.cuda(), params, seed=4).cpu()
+    assert torch.equal(on_cpu != base.float(), on_cuda != base.float())
     torch.testing.assert_close(on_cpu, on_cuda)
 
 
-# --- execution paths: chunked eager and compiled ----------------------------------------
+# --- execution path: one pass over chunks ----------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs"])
-def test_eager_chunks_equal_one_pass(name, monkeypatch):
-    base = randn(601, 500, seed=1, dtype=torch.bfloat16)  # above the direct-kthvalue size
-    xs = [(base.float() + 0.1 * randn(601, 500, seed=2 + i)).bfloat16() for i in range(2)]
-    params = [{"weight": 0.5, "density": 0.4}, {"weight": 0.8, "density": 0.6}]
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "dare_linear"])
+def test_chunking_does_not_change_the_result(name, monkeypatch):
+    """The CPU's small steps give what one whole-tensor step (the GPU's) gives."""
+    base = randn(601, 500, seed=1, dtype=torch.bfloat16)
+    xs = [(base.float() + 0.1 * randn(601, 500, seed=2 + i)).bfloat16() for i in range(3)]
+    params = [{"weight": 0.5, "density": 0.4, "gamma": 0.01}, {"weight": 0.8, "density": 0.6, "gamma": 0.02},
+              {"weight": 0.3, "density": 1.0, "gamma": 0.0}]
+    declared = {spec.name for spec in get_kernel(name).params}
+    params = [{k: v for k, v in mp.items() if k in declared} for mp in params]
+    monkeypatch.setattr(task_vector, "_CPU_CHUNK", base.numel())
     whole = run(name, xs, base, params, seed=3)
-    monkeypatch.setattr(task_vector, "_EAGER_CHUNK", 30_001)
-    torch.testing.assert_close(run(name, xs, base, params, seed=3), whole, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(task_vector, "_CPU_CHUNK", 30_001)
+    chunked = run(name, xs, base, params, seed=3)
+    assert torch.equal(chunked != base.float(), whole != base.float())
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ties", "dare_ties"])
-def test_compiled_path_equals_eager(name, monkeypatch):
-    base = randn(700, 400, seed=1, dtype=torch.bfloat16)  # selection runs its fused passes too
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"])
+def test_compiled_combine_equals_the_eager_loop(name, monkeypatch):
+    """The fused (GPU default) and eager (CPU default) combines agree; compiled here on the CPU."""
+    base = randn(700, 400, seed=1, dtype=torch.bfloat16)
     xs = [(base.float() + 0.1 * randn(700, 400, seed=2 + i)).bfloat16() for i in range(3)]
-    params = [{"weight": 0.5, "density": 0.4}, {"weight": 0.8, "density": 0.6}, {"weight": 0.3, "density": 0.9}]
+    xs[1][:5] = (2 * base[:5].float() - xs[0][:5].float()).bfloat16()  # exact cancellations
+    params = [{"weight": 0.5, "density": 0.4, "gamma": 0.01}, {"weight": 0.5, "density": 0.6, "gamma": 0.02},
+              {"weight": 0.3, "density": 0.9, "gamma": 0.0}]
+    declared = {spec.name for spec in get_kernel(name).params}
+    params = [{k: v for k, v in mp.items() if k in declared} for mp in params]
+    monkeypatch.setenv("EVOMERGE_COMPILE", "0")
     eager = run(name, xs, base, params, seed=3)
     monkeypatch.setenv("EVOMERGE_COMPILE", "1")
     compiled = run(name, xs, base, params, seed=3)
     assert torch.equal(compiled != base.float(), eager != base.float())
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, step, parts", [(10, 3, 2), (1000, 7, 3), (5, 10, 4), (64, 8, 8), (1, 1, 1)])
+def test_thread_ranges_cover_the_tensor_on_step_boundaries(n, step, parts):
+    got = threads.ranges(n, step, parts)
+    assert got[0][0] == 0 and got[-1][1] == n and len(got) <= parts
+    assert all(lo < hi and lo % step == 0 for lo, hi in got)
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+
+
+@pytest.mark.parametrize("name", ["linear", "ties", "dare_ties", "breadcrumbs"])
+def test_thread_count_does_not_change_the_result(name, monkeypatch):
+    monkeypatch.setattr(task_vector, "_CPU_CHUNK", 10_000)  # many chunks per thread
+    base = randn(601, 500, seed=1, dtype=torch.bfloat16)
+    xs = [(base.float() + 0.1 * randn(601, 500, seed=2 + i)).bfloat16() for i in range(2)]
+    params = [{"weight": 0.5, "density": 0.4, "gamma": 0.01}, {"weight": 0.8, "density": 0.6, "gamma": 0.02}]
+    declared = {spec.name for spec in get_kernel(name).params}
+    params = [{k: v for k, v in mp.items() if k in declared} for mp in params]
+    if name == "linear":
+        xs = [base, *xs]
+        params = [{"weight": 1.0}] + params
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(name, xs, base, params, seed=3)
+        torch.set_num_threads(3)
+        three = run(name, xs, base, params, seed=3)
+        assert torch.get_num_threads() == 3  # restored after the parallel section
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(three, one, rtol=0, atol=0)
 
 
 # --- parameters and errors --------------------------------------------------------------

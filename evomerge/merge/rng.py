@@ -4,17 +4,21 @@ DARE needs a random keep-mask per (tensor, source model). ``torch.rand`` cannot 
 that: its stream depends on the device, the generator state and the order of calls, so
 a candidate re-materialized on another worker (or a CUDA worker vs. a CPU export) would
 get a different model. Here a random number is a pure function of
-(key, element index): a keyed 32-bit integer hash done with int64 tensor ops, so it
-fuses into a compiled kernel, needs no state, and any slice of the index range can be
-drawn on its own.
+(key, element index): a keyed 32-bit integer hash (MurmurHash3's finalizer), so it
+needs no state and any slice of the index range can be drawn on its own.
 
-All arithmetic stays below 2**63, so no signed overflow happens on any backend.
+Two implementations of the same function: ``random_bits`` with int64 tensor ops on any
+device (all arithmetic stays below 2**63, so no signed overflow happens on any
+backend), and ``random_bits_range`` on the CPU, with numpy's wrapping uint32 arithmetic,
+which needs a third of the passes over half the bytes (about 15x faster there).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,6 +65,21 @@ def random_bits(key: int | Tensor, index: Tensor) -> Tensor:
     """
     h = _mul32((index & MASK32) ^ key, _GOLDEN)
     return _fmix32(h) >> (32 - BITS)
+
+
+def random_bits_range(keys: Sequence[int], start: int, stop: int) -> np.ndarray:
+    """``random_bits(key, arange(start, stop))`` for each key, as a (len(keys), stop - start)
+    uint32 numpy array, computed on the CPU; 0 <= start <= stop <= 2**32."""
+    h = np.empty((len(keys), stop - start), dtype=np.uint32)
+    np.bitwise_xor(np.arange(start, stop, dtype=np.uint32)[None, :], np.asarray(keys, dtype=np.uint32)[:, None], out=h)
+    h *= np.uint32(_GOLDEN)  # uint32 products wrap: exactly the mod 2**32 that _mul32 spells out
+    shifted = np.empty_like(h)
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
+        h ^= np.right_shift(h, np.uint32(shift), out=shifted)
+        if factor is not None:
+            h *= np.uint32(factor)
+    h >>= np.uint32(32 - BITS)
+    return h
 
 
 def uniform(seed: int, stream: int, index: Tensor) -> Tensor:

@@ -2,10 +2,10 @@
 
 Each rule is split in two: a per-tensor part that turns the parameters into a few
 scalars (a magnitude band, or a random cutoff), and an elementwise keep test that the
-task-vector kernel evaluates inside its fused pass. The scalars of the magnitude rules
-are order statistics of |delta|, found by exact O(n) selection, never by sorting the
-tensor; a search can precompute ``sorted_abs_delta`` once per resident source and then
-read thresholds off it for every candidate at no cost.
+task-vector kernel applies chunk by chunk in its single pass. The scalars of the
+magnitude rules are order statistics of |delta|, found exactly and never by sorting the
+tensor (``Magnitudes``); a search can precompute ``sorted_abs_delta`` once per resident
+source and then read thresholds off it for every candidate at no cost.
 
 Conventions follow mergekit 0.1.x: k = int(density * numel) entries are kept; a
 density of 1 keeps everything untouched; breadcrumbs removes n_top = int(gamma * numel)
@@ -16,33 +16,91 @@ first when both do not fit. Ties at a threshold are all kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from evomerge.merge import rng
+from evomerge.merge import rng, threads
 
 RESCALES = ("l1", "inverse_density", "none")
 L1_EPS = 1e-7  # below this L1 norm a rescale would amplify noise, so mergekit skips it
+_STEP = 1 << 17  # elements per CPU step of abs_delta: temporaries stay in cache
+
+
+@dataclass(frozen=True)
+class Magnitudes:
+    """|source - base| of one tensor, for exact order statistics (``kth``).
+
+    Built from whichever form is at hand: the sorted values (``sorted_abs_delta``,
+    precomputed once per resident source), the values themselves, or the two tensors
+    (then |delta| is computed into one scratch buffer that selection reorders in place).
+    """
+
+    numel: int
+    sorted_abs: Tensor | None = None
+    values: Tensor | None = None
+    owned: bool = False
+    source: Tensor | None = None
+    base: Tensor | None = None
+    scratch: Tensor | None = None
+
+    @classmethod
+    def of_sorted(cls, sorted_abs: Tensor) -> Magnitudes:
+        return cls(sorted_abs.numel(), sorted_abs=sorted_abs)
+
+    @classmethod
+    def of_values(cls, values: Tensor, owned: bool = False) -> Magnitudes:
+        """Flat non-negative float32 values; ``owned``: they may be reordered in place."""
+        return cls(values.numel(), values=values.reshape(-1), owned=owned)
+
+    @classmethod
+    def of_delta(cls, source: Tensor, base: Tensor, scratch: Tensor | None = None) -> Magnitudes:
+        """``scratch``: flat float32 of the same size to compute |delta| in (a merge reuses
+        one for all its models: fresh memory costs page faults on every first touch)."""
+        return cls(source.numel(), source=source.reshape(-1), base=base.reshape(-1), scratch=scratch)
+
+    @property
+    def device(self) -> torch.device:
+        return next(t for t in (self.sorted_abs, self.values, self.source) if t is not None).device
+
+    def kth(self, ranks: Sequence[int]) -> list[Tensor]:
+        """The ``ranks``-th smallest (1-based) magnitudes, exactly, as 0-dim float32 tensors."""
+        for rank in ranks:
+            if not 1 <= rank <= self.numel:
+                raise ValueError(f"rank {rank} outside 1..{self.numel}")
+        if not ranks:
+            return []
+        if self.sorted_abs is not None:
+            return [self.sorted_abs[rank - 1].to(torch.float32) for rank in ranks]
+        if self.values is not None:
+            # partitioning in place keeps the multiset, so every later rank is still exact
+            return [kth_smallest(self.values, rank, owned=self.owned) for rank in ranks]
+        return Magnitudes.of_values(abs_delta(self.source, self.base, out=self.scratch), owned=True).kth(ranks)
+
 
 def kth_smallest(values: Tensor, rank: int, owned: bool = False) -> Tensor:
-    """The ``rank``-th smallest (1-based) of flat float32 ``values``, exactly, in O(n), as a 0-dim tensor.
+    """The ``rank``-th smallest (1-based) of flat, non-negative float32 ``values``, exactly,
+    in O(n), as a 0-dim tensor.
 
     On the CPU numpy's SIMD introselect (``np.partition``) runs about 20x faster than
-    ``torch.kthvalue``; elsewhere kthvalue runs on the device. Both are exact, so the
-    threshold, and the merged tensor, do not depend on the device.
+    ``torch.kthvalue``, and faster still on the int32 bit patterns, which order like
+    non-negative floats; elsewhere kthvalue runs on the device. Both are exact, so the
+    threshold, and the merged tensor, do not depend on the device. ``owned``: the values
+    are the caller's scratch, so they are reordered in place instead of copied.
     """
     n = values.numel()
     if not 1 <= rank <= n:
         raise ValueError(f"rank {rank} outside 1..{n}")
-    if values.device.type == "cpu":
-        flat = values.detach().reshape(-1).numpy()
-        if owned:  # the caller's scratch copy: partition it in place, saving a copy of n floats
-            flat.partition(rank - 1)
-            return torch.tensor(float(flat[rank - 1]), dtype=torch.float32)
-        return torch.tensor(float(np.partition(flat, rank - 1)[rank - 1]), dtype=torch.float32)
-    return torch.kthvalue(values.reshape(-1), rank).values
+    if values.device.type != "cpu":
+        return torch.kthvalue(values.reshape(-1), rank).values
+    bits = values.detach().reshape(-1).view(torch.int32).numpy()
+    if not owned:
+        bits = bits.copy()
+    bits.partition(rank - 1)
+    return torch.tensor(int(bits[rank - 1]), dtype=torch.int32).view(torch.float32)
 
 
 def sorted_abs_delta(source: Tensor, base: Tensor) -> Tensor:
@@ -57,61 +115,48 @@ def sort_nonnegative(values: Tensor) -> Tensor:
     return values.contiguous().view(torch.int32).sort().values.view(torch.float32)
 
 
-def abs_delta(source: Tensor, base: Tensor) -> Tensor:
-    """|source - base| flattened, in float32 (the values the magnitude rules rank)."""
-    delta = source.reshape(-1).to(torch.float32, copy=True)
-    delta.sub_(base.reshape(-1))  # in place, promoting a bf16 base on the fly: one allocation
-    return delta.abs_()
+def abs_delta(source: Tensor, base: Tensor, out: Tensor | None = None) -> Tensor:
+    """|source - base| flattened, in float32 (the values the magnitude rules rank),
+    written into ``out`` (flat float32 of the same size) when given. Done in
+    cache-sized steps: a whole-tensor subtraction of a bf16 base would first
+    materialize a float32 copy of it."""
+    n = source.numel()
+    if out is None:
+        out = torch.empty(n, dtype=torch.float32, device=source.device)
+    src, ref = source.reshape(-1), base.reshape(-1)
+    if source.device.type != "cpu":
+        return out.copy_(src).sub_(ref).abs_()
+
+    def run(first: int, last: int) -> None:
+        for start in range(first, last, _STEP):
+            stop = min(start + _STEP, last)
+            out[start:stop].copy_(src[start:stop]).sub_(ref[start:stop]).abs_()
+
+    threads.map_ranges(run, n, _STEP)
+    return out
 
 
-def _ranked(delta: Tensor | None, sorted_abs: Tensor | None) -> tuple[Tensor, bool]:
-    """(values to rank, whether they are already sorted)."""
-    if sorted_abs is not None:
-        if delta is not None and delta.numel() != sorted_abs.numel():
-            raise ValueError(f"sorted_abs has {sorted_abs.numel()} entries, delta {delta.numel()}")
-        return sorted_abs, True
-    if delta is None:
-        raise ValueError("need the delta or its sorted_abs")
-    return delta.reshape(-1).to(torch.float32).abs(), False
-
-
-def _order_stat(source: tuple[Tensor, bool], rank: int) -> Tensor:
-    values, is_sorted = source
-    return values[rank - 1].to(torch.float32) if is_sorted else kth_smallest(values, rank, owned=True)
-
-
-def _size(source: tuple[Tensor, bool]) -> tuple[int, torch.device]:
-    return source[0].numel(), source[0].device
-
-
-def magnitude_threshold(
-    delta: Tensor | None, density: float, sorted_abs: Tensor | None = None
-) -> Tensor:
-    """The k-th largest |delta| (k = int(density * numel)) as a 0-dim float32 tensor:
+def magnitude_threshold(magnitudes: Magnitudes, density: float) -> Tensor:
+    """The k-th largest magnitude (k = int(density * numel)) as a 0-dim float32 tensor:
     keeping |delta| >= it keeps the k largest. 0 for density >= 1 (keep all), inf for
-    k = 0 (keep none). ``delta`` may be None when ``sorted_abs`` is given."""
-    source = _ranked(delta, sorted_abs)
-    n, device = _size(source)
+    k = 0 (keep none)."""
+    n = magnitudes.numel
     k = int(density * n)
     if density >= 1 or k >= n:
-        return torch.zeros((), device=device)
+        return torch.zeros((), device=magnitudes.device)
     if k == 0:
-        return torch.full((), math.inf, device=device)
-    return _order_stat(source, n - k + 1)
+        return torch.full((), math.inf, device=magnitudes.device)
+    return magnitudes.kth([n - k + 1])[0]
 
 
-def breadcrumbs_band(
-    delta: Tensor | None, density: float, gamma: float, sorted_abs: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def breadcrumbs_band(magnitudes: Magnitudes, density: float, gamma: float) -> tuple[Tensor, Tensor]:
     """(lo, hi) such that keeping lo <= |delta| <= hi drops the n_top largest and the
-    n_bot smallest entries (mergekit's rule; see the module docstring). Arguments as
-    for ``magnitude_threshold``."""
-    source = _ranked(delta, sorted_abs)
-    n, device = _size(source)
-    inf = torch.full((), math.inf, device=device)
+    n_bot smallest entries (mergekit's rule; see the module docstring)."""
+    n, device = magnitudes.numel, magnitudes.device
+    zero, inf = torch.zeros((), device=device), torch.full((), math.inf, device=device)
     target = int(density * n)
     if density >= 1:
-        return torch.zeros((), device=device), inf
+        return zero, inf
     if target == 0:
         return inf, inf
     n_top = int(gamma * n)
@@ -119,20 +164,45 @@ def breadcrumbs_band(
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
-    lo = _order_stat(source, n_bot + 1) if n_bot else torch.zeros((), device=device)
-    hi = _order_stat(source, n - n_top) if n_top else inf
+    ranks = ([n_bot + 1] if n_bot else []) + ([n - n_top] if n_top else [])
+    found = iter(magnitudes.kth(ranks))
+    lo = next(found) if n_bot else zero
+    hi = next(found) if n_top else inf
     return lo, hi
-
-
-def band_keep(abs_delta_values: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """The keep mask of the magnitude rules (bool)."""
-    return (abs_delta_values >= lo) & (abs_delta_values <= hi)
 
 
 def dare_keep(index: Tensor, key: int | Tensor, cutoff: int | Tensor) -> Tensor:
     """DARE's Bernoulli keep mask (bool) for the elements at ``index``: kept with
     probability cutoff / 2**24 (see ``rng.keep_cutoff``), the same on every device."""
     return rng.random_bits(key, index) < cutoff
+
+
+def dare_keep_bits(keys: Sequence[int], cutoffs: Sequence[int], n: int) -> np.ndarray:
+    """``dare_keep`` of elements 0..n-1 for several (key, cutoff) pairs, computed on the
+    CPU and packed 8 to a byte: a (len(keys), ceil(n / 8)) uint8 array (``unpack_keep``
+    reads a slice back). Drawn once per tensor, a mask serves the L1 rescale's pass and
+    the merge's without hashing twice, at 1/32 of a float mask's memory."""
+    packed = np.empty((len(keys), (n + 7) // 8), dtype=np.uint8)
+    limits = np.asarray(cutoffs, dtype=np.uint32)[:, None]
+
+    def run(first: int, last: int) -> None:
+        for start in range(first, last, _STEP):  # _STEP is a multiple of 8: blocks start on a byte
+            stop = min(start + _STEP, last)
+            keep = rng.random_bits_range(keys, start, stop) < limits
+            packed[:, start // 8 : (stop + 7) // 8] = np.packbits(keep, axis=1)
+
+    threads.map_ranges(run, n, _STEP)
+    return packed
+
+
+def unpack_keep(packed: np.ndarray, start: int, stop: int, rows: Sequence[int] | None = None) -> Tensor:
+    """Elements start..stop-1 of ``dare_keep_bits`` masks (those of ``rows``, default all),
+    as a float32 tensor of 0s and 1s (multiplying by it is several times faster than by
+    a bool mask, or than masked_fill_)."""
+    first = start // 8 * 8
+    block = packed[:, first // 8 : (stop + 7) // 8]
+    bits = np.unpackbits(block if rows is None else block[list(rows)], axis=1, count=stop - first)
+    return torch.from_numpy(bits[:, start - first :].astype(np.float32))
 
 
 def l1_rescale(l1_before: Tensor, l1_after: Tensor) -> Tensor:

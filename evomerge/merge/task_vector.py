@@ -12,36 +12,37 @@ entry agrees with neither sign, so it is left out of the divisor; a zero divisor
 becomes 1. Without consensus a divisor |sum w| < 1e-8 becomes 1. These are mergekit's
 conventions.
 
-Speed: everything after the per-model scalars (thresholds, rescale factors) is one
-elementwise pass over the inputs. Large tensors run it through ``torch.compile``, which
-fuses it into a single loop (DARE's random numbers are generated inside it, never
-stored); ``EVOMERGE_COMPILE=0`` turns that off, ``=1`` forces it (and lets compile
-errors surface). Otherwise the same function runs eagerly over cache-sized chunks.
+Speed: the per-model scalars (thresholds, rescale factors) come first; then one pass
+over cache-sized chunks does the rest. In a chunk the models' deltas are the rows of
+one matrix, so each step is one in-place operation for all models, on a small workspace
+allocated once per call: the only full-size allocation is the output. On a CPU memory
+traffic, not arithmetic, sets the cost, and a fresh full-size temporary costs page
+faults worth several passes. (The torch.compile'd loop this replaced took as long per
+pass once warm on the bench family, and its first call took ~6 s in every new process;
+on a GPU, where it does pay, ``fused`` runs the same combine compiled.)
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from evomerge.merge import rng, sparsify
-
-log = logging.getLogger(__name__)
+from evomerge.merge import fused, rng, sparsify, threads
 
 SORTED_ABS = "sorted_abs"  # optional per-model entry: sparsify.sorted_abs_delta(source, base)
 SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers")
 
 _F32 = torch.float32
-_EAGER_CHUNK = 1 << 20  # elements per eager step: temporaries stay in cache
-_COMPILE_MIN_NUMEL = 1 << 20  # below this a compiled call saves less than it costs
-_compiled: dict[Callable, Callable] = {}
-_compile_broken = False
+# Elements per step: on a CPU the workspace (2 * n_models + 5 rows of it) stays in cache
+# while each call's fixed cost (~3 us) stays small; on a GPU larger steps amortize launches.
+_CPU_CHUNK = 1 << 17
+_GPU_CHUNK = 1 << 24
 
 
 def merge(
@@ -57,28 +58,85 @@ def merge(
     """One tensor of the merge; parameters already validated and defaulted."""
     if not tensors:
         return base.to(_F32, copy=True)
-    device = base.device
-    # detach() drops the view's link to its N-d base (torch.compile would otherwise
-    # recompile for every new weight shape) and any autograd history of parameters.
-    flat_base = base.reshape(-1).detach()
-    flat = [x.reshape(-1).detach() for x in tensors]
-
-    weights = _vector([mp["weight"] for mp in model_params], device)
-    kind, lo, hi, keys, cutoffs = _keep_rule(sparsification, flat, flat_base, model_params, seed)
-    scales = _rescales(params.get("rescale", "none"), kind, flat, flat_base, model_params, lo, hi, keys, cutoffs)
-    total = sum(float(mp["weight"]) for mp in model_params)
-    inv_divisor = _vector([1.0 if abs(total) < 1e-8 else 1.0 / total], device)[0]
-    lam = _vector([params.get("lambda", 1.0)], device)[0]
-
-    out = _map(
-        _fused_merge, flat_base, flat, weights, lo, hi, keys, cutoffs, weights * scales, lam, inv_divisor,
-        kind=kind, consensus=consensus, normalize=bool(params["normalize"]),
-    )
+    flat_base = base.detach().reshape(-1)
+    flat = [x.detach().reshape(-1) for x in tensors]
+    keep = _keep_rule(sparsification, flat, flat_base, model_params, seed)
+    weights = [float(mp["weight"]) for mp in model_params]
+    scales = _rescales(params.get("rescale", "none"), keep, flat, flat_base, model_params)
+    lam = float(params.get("lambda", 1.0))
+    if not consensus and params["normalize"]:
+        total = sum(weights)
+        lam = lam / total if abs(total) >= 1e-8 else lam
+    coefs = [w * s for w, s in zip(weights, scales)]
+    normalize = bool(params["normalize"])
+    out = fused.combine(flat_base, flat, kind=keep.kind, lo=keep.lo, hi=keep.hi, keys=keep.keys,
+                        cutoffs=keep.cutoffs, coefs=coefs, elect_unweighted=_elect_unweighted(coefs),
+                        weights=weights, lam=lam, consensus=consensus, normalize=normalize)
+    if out is None:
+        out = _combine(flat_base, flat, keep, coefs, weights, lam, consensus=consensus, normalize=normalize)
     return out.view(base.shape)
 
 
-def _vector(values: Sequence[float], device: torch.device) -> Tensor:
-    return torch.tensor([float(v) for v in values], dtype=_F32, device=device)
+def _pre_scale(coefs: Sequence[float]) -> bool:
+    """Agreement is read off the signs of the unweighted deltas when every coefficient is
+    positive; otherwise the coefficients are applied first."""
+    return any(c <= 0 for c in coefs)
+
+
+def _elect_unweighted(coefs: Sequence[float]) -> bool:
+    """Whether the elected sign is read off the plain sum of the deltas: with equal positive
+    coefficients it is the weighted sum's, and an exact cancellation (common between bf16
+    fine-tunes one step either side of the base) stays an exact zero, elected +, however
+    products would round or fuse. Otherwise the weighted deltas are summed as products
+    first, in order, which is mergekit's rounding."""
+    return coefs[0] > 0 and all(c == coefs[0] for c in coefs)
+
+
+@dataclass(frozen=True, eq=False)
+class _Keep:
+    """Which entries of each model's delta survive, as per-model scalars: a magnitude
+    band lo <= |delta| <= hi, or a DARE draw (stream key, integer cutoff; on the CPU
+    drawn once per tensor into packed bits)."""
+
+    kind: str  # "all", "band" or "random"
+    lo: tuple[float, ...]  # one entry per model in each
+    hi: tuple[float, ...]
+    keys: tuple[int, ...]
+    cutoffs: tuple[int, ...]
+    packed: np.ndarray | None = None  # sparsify.dare_keep_bits of every model
+
+    @classmethod
+    def make(cls, kind: str, n_models: int, **given: Any) -> _Keep:
+        """A rule for n models; the per-model fields not given keep everything."""
+        keep_all = {"lo": (0.0,) * n_models, "hi": (math.inf,) * n_models,
+                    "keys": (0,) * n_models, "cutoffs": (1 << rng.BITS,) * n_models}
+        return cls(kind, **(keep_all | given))
+
+    def apply_(self, deltas: Tensor, offset: int, scratch: Tensor, models: Sequence[int]) -> Tensor:
+        """Zero, in place, the dropped entries of ``deltas``: row r holds model models[r]'s
+        delta over the elements from ``offset`` on; ``scratch`` has the same shape."""
+        if self.kind == "band":
+            for row, spare, i in zip(deltas, scratch, models):
+                lo, hi = self.lo[i], self.hi[i]
+                if hi < math.inf:  # breadcrumbs: the outliers above hi go too
+                    torch.ops.aten.hardshrink.out(row, hi, out=spare)
+                if lo > 0:  # hardshrink keeps |x| > lambda; the largest float below lo keeps |x| >= lo
+                    torch.ops.aten.hardshrink.out(row, _float_below(lo), out=row)
+                if hi < math.inf:
+                    row.sub_(spare)
+        elif self.kind == "random" and self.packed is not None:
+            deltas.mul_(sparsify.unpack_keep(self.packed, offset, offset + deltas.shape[1], models))
+        elif self.kind == "random":
+            index = torch.arange(offset, offset + deltas.shape[1], device=deltas.device)
+            keys = torch.tensor([self.keys[i] for i in models], device=deltas.device)[:, None]
+            cutoffs = torch.tensor([self.cutoffs[i] for i in models], device=deltas.device)[:, None]
+            deltas.mul_(sparsify.dare_keep(index, keys, cutoffs).to(_F32))
+        return deltas
+
+
+def _float_below(x: float) -> float:
+    """The largest float32 below the float32 ``x``."""
+    return float(np.nextafter(np.float32(x), np.float32(0)))
 
 
 def _keep_rule(
@@ -87,164 +145,157 @@ def _keep_rule(
     flat_base: Tensor,
     model_params: Sequence[Mapping[str, Any]],
     seed: int,
-) -> tuple[str, Tensor, Tensor, Tensor, Tensor]:
-    """The per-model scalars of the keep test: (kind, lo, hi, keys, cutoffs)."""
-    device, n_models = flat_base.device, len(flat)
-    lo = torch.zeros(n_models, device=device)
-    hi = torch.full((n_models,), math.inf, device=device)
-    keys = torch.zeros(n_models, dtype=torch.int64, device=device)
-    cutoffs = torch.zeros(n_models, dtype=torch.int64, device=device)
+) -> _Keep:
     densities = [float(mp.get("density", 1.0)) for mp in model_params]
     if sparsification is None or all(d >= 1 for d in densities):
-        return "all", lo, hi, keys, cutoffs
+        return _Keep.make("all", len(flat))
     if sparsification == "random":
-        keys[:] = torch.tensor([rng.stream_key(seed, i) for i in range(n_models)])
-        cutoffs[:] = torch.tensor([rng.keep_cutoff(d) for d in densities])
-        return "random", lo, hi, keys, cutoffs
+        keys = tuple(rng.stream_key(seed, i) for i in range(len(flat)))
+        cutoffs = tuple(rng.keep_cutoff(d) for d in densities)
+        on_cpu = flat_base.device.type == "cpu"
+        packed = sparsify.dare_keep_bits(keys, cutoffs, flat_base.numel()) if on_cpu else None
+        return _Keep.make("random", len(flat), keys=keys, cutoffs=cutoffs, packed=packed)
+    if sparsification not in SPARSIFICATIONS:
+        raise ValueError(f"unknown sparsification {sparsification!r}; known: {SPARSIFICATIONS}")
+    lo, hi = [0.0] * len(flat), [math.inf] * len(flat)
+    scratch = None  # |delta| of each model in turn, reordered in place by the selection
     for i, (x, mp) in enumerate(zip(flat, model_params)):
         if densities[i] >= 1:
             continue
         sorted_abs = mp.get(SORTED_ABS)
-        magnitudes = None if sorted_abs is not None else sparsify.abs_delta(x, flat_base)
+        if sorted_abs is None and scratch is None:
+            scratch = torch.empty(flat_base.numel(), dtype=_F32, device=flat_base.device)
+        magnitudes = (sparsify.Magnitudes.of_sorted(sorted_abs) if sorted_abs is not None
+                      else sparsify.Magnitudes.of_delta(x, flat_base, scratch))
         if sparsification == "magnitude":
-            lo[i] = sparsify.magnitude_threshold(magnitudes, densities[i], sorted_abs)
-        elif sparsification == "magnitude_outliers":
-            lo[i], hi[i] = sparsify.breadcrumbs_band(magnitudes, densities[i], float(mp["gamma"]), sorted_abs)
+            lo[i] = float(sparsify.magnitude_threshold(magnitudes, densities[i]))
         else:
-            raise ValueError(f"unknown sparsification {sparsification!r}; known: {SPARSIFICATIONS}")
-    return "band", lo, hi, keys, cutoffs
+            lo[i], hi[i] = (float(v) for v in sparsify.breadcrumbs_band(magnitudes, densities[i], float(mp["gamma"])))
+    return _Keep.make("band", len(flat), lo=tuple(lo), hi=tuple(hi))
 
 
 def _rescales(
     rescale: str,
-    kind: str,
+    keep: _Keep,
     flat: Sequence[Tensor],
     flat_base: Tensor,
     model_params: Sequence[Mapping[str, Any]],
-    lo: Tensor, hi: Tensor, keys: Tensor, cutoffs: Tensor,
-) -> Tensor:
+) -> list[float]:
     """Per-model factors applied to the kept entries (1 where nothing was dropped)."""
-    scales = torch.ones(len(flat), device=flat_base.device)
-    if kind == "all" or rescale == "none":
+    scales = [1.0] * len(flat)
+    if keep.kind == "all" or rescale == "none":
         return scales
-    for i, mp in enumerate(model_params):
-        density = float(mp.get("density", 1.0))
-        if density >= 1:
-            continue
-        if rescale == "inverse_density":
-            scales[i] = 1.0 / density
-        elif rescale == "l1":
-            sums = _reduce(_masked_l1, flat_base, [flat[i]], lo[i], hi[i], keys[i], cutoffs[i], kind=kind)
-            scales[i] = sparsify.l1_rescale(sums[0], sums[1])
-        else:
-            raise ValueError(f"unknown rescale {rescale!r}; known: {sparsify.RESCALES}")
+    sparse = [i for i, mp in enumerate(model_params) if float(mp.get("density", 1.0)) < 1]
+    if rescale == "inverse_density":
+        for i in sparse:
+            scales[i] = 1.0 / float(model_params[i]["density"])
+    elif rescale == "l1":
+        before, after = _l1_norms([flat[i] for i in sparse], flat_base, keep, sparse)
+        for j, i in enumerate(sparse):
+            scales[i] = float(sparsify.l1_rescale(before[j], after[j]))
+    else:
+        raise ValueError(f"unknown rescale {rescale!r}; known: {sparsify.RESCALES}")
     return scales
 
 
-def _keep(delta: Tensor, lo: Tensor, hi: Tensor, key: Tensor, cutoff: Tensor, offset: int, kind: str) -> Tensor:
-    if kind == "band":
-        return sparsify.band_keep(delta.abs(), lo, hi)
-    index = torch.arange(offset, offset + delta.numel(), device=delta.device)
-    return sparsify.dare_keep(index, key, cutoff)
+def _l1_norms(xs: Sequence[Tensor], base: Tensor, keep: _Keep, models: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(L1 norms of the models' deltas, L1 norms of their kept entries), float32 within a
+    chunk and float64 across chunks, so the sums barely depend on the chunk size."""
+    n, device = base.numel(), base.device
+    step = min(_chunk_size(base), n)
+
+    def run(first: int, last: int) -> tuple[Tensor, Tensor]:
+        work = torch.empty(2, len(xs), step, dtype=_F32, device=device)
+        before = torch.zeros(len(xs), dtype=torch.float64, device=device)
+        after = torch.zeros(len(xs), dtype=torch.float64, device=device)
+        for start in range(first, last, step):
+            stop = min(start + step, last)
+            deltas, scratch = work[0, :, : stop - start], work[1, :, : stop - start]
+            for row, x in zip(deltas, xs):
+                row.copy_(x[start:stop])
+            deltas.sub_(base[start:stop])
+            before += torch.abs(deltas, out=scratch).sum(dim=1)
+            after += torch.abs(keep.apply_(deltas, start, scratch, models), out=scratch).sum(dim=1)
+        return before, after
+
+    parts = _over_ranges(run, n, step, device)
+    return sum(p[0] for p in parts).to(_F32), sum(p[1] for p in parts).to(_F32)
 
 
-def _fused_merge(
-    base: Tensor, xs: Sequence[Tensor], weights: Tensor, lo: Tensor, hi: Tensor, keys: Tensor,
-    cutoffs: Tensor, coefs: Tensor, lam: Tensor, inv_divisor: Tensor,
-    *, offset: int, kind: str, consensus: bool, normalize: bool,
+def _chunk_size(t: Tensor) -> int:
+    return _CPU_CHUNK if t.device.type == "cpu" else _GPU_CHUNK
+
+
+def _combine(
+    base: Tensor, xs: Sequence[Tensor], keep: _Keep, coefs: Sequence[float], weights: Sequence[float],
+    lam: float, *, consensus: bool, normalize: bool,
 ) -> Tensor:
-    """The whole kernel after the per-model scalars, on flat slices; ``coefs`` holds
-    weight * rescale per model."""
-    b = base.to(_F32)
-    weighted = []
-    for i, x in enumerate(xs):
-        delta = x.to(_F32) - b
-        if kind != "all":
-            delta = delta * _keep(delta, lo[i], hi[i], keys[i], cutoffs[i], offset, kind)
-        weighted.append(delta * coefs[i])
-    mixed = weighted[0]
-    for w in weighted[1:]:
-        mixed = mixed + w
-    if consensus:
-        elected = (mixed >= 0).to(_F32) * 2 - 1
-        mixed, divisor = torch.zeros_like(b), torch.zeros_like(b)
-        for i, w in enumerate(weighted):
-            agrees = ((w * elected) > 0).to(_F32)
-            mixed = mixed + w * agrees
-            divisor = divisor + weights[i] * agrees
-        if normalize:
-            mixed = mixed / (divisor + (divisor == 0).to(_F32))
-    elif normalize:
-        mixed = mixed * inv_divisor
-    return b + lam * mixed
+    """base + lam * (the kept, weighted deltas, summed over the agreeing models and, for
+    consensus with normalize, divided by their weights), chunk by chunk into one output.
 
+    The models' deltas of a chunk are the rows of one matrix, so each step is one
+    operation for all models, whatever their number.
+    """
+    n, n_models, device = base.numel(), len(xs), base.device
+    step = min(_chunk_size(base), n)
+    out = torch.empty(n, dtype=_F32, device=device)
+    coef_column = torch.tensor(coefs, dtype=_F32, device=device)[:, None]
+    weight_vector = torch.tensor(weights, dtype=_F32, device=device)
+    pre_scale = _pre_scale(coefs)
+    coef_vector = torch.ones(n_models, dtype=_F32, device=device) if pre_scale else coef_column[:, 0]
+    elect_unweighted = pre_scale or _elect_unweighted(coefs)  # pre-scaled deltas are the products
+    # A sum of positive weights is 0 or at least the smallest weight, so clamping it there
+    # (one operation) turns exactly the zeros into a nonzero divisor.
+    zero_divisor_floor = min(weights) if min(weights) > 0 else None
+    models = range(n_models)
 
-def _masked_l1(
-    base: Tensor, xs: Sequence[Tensor], lo: Tensor, hi: Tensor, key: Tensor, cutoff: Tensor,
-    *, offset: int, kind: str,
-) -> Tensor:
-    """[L1 norm of the delta, L1 norm of its kept entries] for one model (xs has one)."""
-    magnitude = (xs[0].to(_F32) - base.to(_F32)).abs()
-    kept = magnitude * _keep(magnitude, lo, hi, key, cutoff, offset, kind)
-    return torch.stack([magnitude.sum(), kept.sum()])
+    def run(first: int, last: int) -> None:
+        work = torch.empty(2 * n_models + 5, step, dtype=_F32, device=device)
+        ones = work[-1].fill_(1.0)
+        for start in range(first, last, step):
+            stop = min(start + step, last)
+            m = stop - start
+            deltas, scratch = work[:n_models, :m], work[n_models : 2 * n_models, :m]
+            b, acc, sign, divisor = (row[:m] for row in work[2 * n_models : 2 * n_models + 4])
+            b.copy_(base[start:stop])
+            for row, x in zip(deltas, xs):
+                row.copy_(x[start:stop])
+            keep.apply_(deltas.sub_(b), start, scratch, models)
+            if pre_scale:
+                deltas.mul_(coef_column)
+            if not consensus:
+                torch.add(b, torch.mv(deltas.t(), coef_vector, out=acc), alpha=lam, out=out[start:stop])
+                continue
+            # Elected sign: +1 where sum_i c_i delta_i >= 0. copysign sends -0 to -1, but a -0
+            # sum means every term is zero, and then nobody agrees either way.
+            weighted = deltas if elect_unweighted else torch.mul(deltas, coef_column, out=scratch)
+            torch.copysign(ones[:m], _sum_rows(weighted, out=acc), out=sign)
+            agreeing = torch.mul(deltas, sign, out=scratch).relu_()  # |delta| where it agrees, else 0
+            torch.mv(agreeing.t(), coef_vector, out=acc).mul_(sign)
+            if not normalize:
+                torch.add(b, acc, alpha=lam, out=out[start:stop])
+                continue
+            torch.mv(agreeing.sign_().t(), weight_vector, out=divisor)
+            if zero_divisor_floor:  # positive weights: where nobody agrees acc is 0, and 0 / floor = 0 / 1
+                divisor.clamp_min_(zero_divisor_floor)
+            else:  # a zero divisor becomes 1
+                divisor.add_(torch.eq(divisor, 0, out=sign))
+            torch.addcdiv(b, acc, divisor, value=lam, out=out[start:stop])
 
-
-def _map(fn: Callable, base: Tensor, xs: Sequence[Tensor], *args: Any, **static: Any) -> Tensor:
-    """``fn`` (one float32 value per element) over flat inputs: compiled, or in chunks."""
-    compiled = _try_compiled(fn, base, xs, *args, **static)
-    if compiled is not None:
-        return compiled
-    out = torch.empty(base.numel(), dtype=_F32, device=base.device)
-    for start, stop in _chunks(base.numel()):
-        out[start:stop] = fn(base[start:stop], [x[start:stop] for x in xs], *args, offset=start, **static)
+    _over_ranges(run, n, step, device)
     return out
 
 
-def _reduce(fn: Callable, base: Tensor, xs: Sequence[Tensor], *args: Any, **static: Any) -> Tensor:
-    """``fn`` (a small vector of sums) over flat inputs: compiled, or summed over chunks."""
-    compiled = _try_compiled(fn, base, xs, *args, **static)
-    if compiled is not None:
-        return compiled
-    parts = [
-        fn(base[start:stop], [x[start:stop] for x in xs], *args, offset=start, **static)
-        for start, stop in _chunks(base.numel())
-    ]
-    return torch.stack(parts).sum(dim=0)
+def _over_ranges(fn, n: int, step: int, device: torch.device) -> list:
+    """``fn(first, last)`` over [0, n): on a CPU split over torch's threads (``threads``)."""
+    return threads.map_ranges(fn, n, step) if device.type == "cpu" else [fn(0, n)]
 
 
-def _chunks(n: int) -> list[tuple[int, int]]:
-    return [(start, min(start + _EAGER_CHUNK, n)) for start in range(0, n, _EAGER_CHUNK)]
-
-
-def _try_compiled(fn: Callable, base: Tensor, xs: Sequence[Tensor], *args: Any, **static: Any) -> Tensor | None:
-    """The compiled call's result, or None when compiling is off, pointless or broken."""
-    if not _use_compile(base.numel()):
-        return None
-    from torch._dynamo.exc import TorchDynamoException  # loaded only when compiling
-
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True)
-    try:
-        return _compiled[fn](base, xs, *args, offset=0, **static)
-    except TorchDynamoException:
-        if os.environ.get("EVOMERGE_COMPILE") == "1":
-            raise
-        _give_up_compiling()
-        return None
-
-
-def _use_compile(numel: int) -> bool:
-    mode = os.environ.get("EVOMERGE_COMPILE", "auto")
-    if mode in ("0", "1"):
-        return mode == "1"
-    return not _compile_broken and numel >= _COMPILE_MIN_NUMEL
-
-
-def _give_up_compiling() -> None:
-    global _compile_broken
-    _compile_broken = True
-    log.warning(
-        "torch.compile failed for the merge kernels; merging without it (slower). "
-        "Set EVOMERGE_COMPILE=1 to see the error, or EVOMERGE_COMPILE=0 to silence this.",
-        exc_info=True,
-    )
+def _sum_rows(rows: Tensor, out: Tensor) -> Tensor:
+    """rows[0] + rows[1] + ... added in order, into ``out``."""
+    if len(rows) == 1:
+        return out.copy_(rows[0])
+    torch.add(rows[0], rows[1], out=out)
+    for row in rows[2:]:
+        out.add_(row)
+    return out
