@@ -22,14 +22,17 @@ Target: ties/linear <= 1.5 on CPU for the search path. The first call of each va
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the evomerge CLI runs (see evomerge/cli.py)
 
-from evomerge.merge import sparsify
-from evomerge.merge.kernels import get_kernel
-from evomerge.merge.task_vector import SORTED_ABS
+import torch  # noqa: E402
+
+from evomerge.merge import sparsify  # noqa: E402
+from evomerge.merge.kernels import get_kernel  # noqa: E402
+from evomerge.merge.task_vector import SORTED_ABS  # noqa: E402
 
 
 def llama_shapes(layers: int, hidden: int = 1024, intermediate: int = 2816, vocab: int = 32000) -> list[tuple]:

@@ -23,6 +23,12 @@ def run(name: str, tensors, base, model_params, params=None, seed: int = 0) -> t
     return get_kernel(name).fn(tensors, base, model_params, params or {}, seed)
 
 
+def declared_only(name: str, model_params: list[dict]) -> list[dict]:
+    """The per-model parameters that kernel ``name`` declares (e.g. no gamma for ties)."""
+    declared = {spec.name for spec in get_kernel(name).params}
+    return [{k: v for k, v in mp.items() if k in declared} for mp in model_params]
+
+
 def minimal_params(name: str, n_models: int) -> tuple[list[dict], dict]:
     if name == "slerp":
         return [{}] * n_models, {"t": 0.3}
@@ -101,10 +107,10 @@ def test_task_vector_presets_match_argsort_reference(name, normalize):
         {"weight": -0.2, "density": 0.3, "gamma": 0.0},
         {"weight": 0.4, "density": 0.9, "gamma": 0.2},
     ]
-    declared = {spec.name for spec in get_kernel(name).params}
-    model_params = [{k: v for k, v in mp.items() if k in declared} for mp in model_params]
+    model_params = declared_only(name, model_params)
     params = {"normalize": normalize, "lambda": 1.3}
-    for rescale in ["none", "l1", "inverse_density"] if "rescale" in declared else [None]:
+    has_rescale = any(spec.name == "rescale" for spec in get_kernel(name).params)
+    for rescale in ["none", "l1", "inverse_density"] if has_rescale else [None]:
         if rescale:
             params["rescale"] = rescale
         got = run(name, tensors, base, model_params, params, seed=7)
@@ -288,8 +294,7 @@ def test_sorted_abs_path_equals_selection_path(name):
     base = randn(700, 400, seed=1, dtype=torch.bfloat16)  # above the direct-kthvalue size
     xs = [(base.float() + 0.05 * randn(700, 400, seed=2 + i)).bfloat16() for i in range(2)]
     model_params = [{"weight": 0.6, "density": 0.4, "gamma": 0.05}, {"weight": 0.5, "density": 0.7}]
-    declared = {spec.name for spec in get_kernel(name).params}
-    model_params = [{k: v for k, v in mp.items() if k in declared} for mp in model_params]
+    model_params = declared_only(name, model_params)
     selected = run(name, xs, base, model_params)
     with_sorted = [dict(mp, sorted_abs=sparsify.sorted_abs_delta(x, base)) for mp, x in zip(model_params, xs)]
     assert torch.equal(run(name, xs, base, with_sorted), selected)
@@ -391,8 +396,7 @@ def test_cuda_merges_equal_the_cpu_ones(name, compile_mode, monkeypatch):
     base = randn(1000, 1100, seed=1, dtype=torch.bfloat16)  # above fused._MIN_NUMEL
     xs = [(base.float() + 0.05 * randn(1000, 1100, seed=2 + i)).bfloat16() for i in range(2)]
     params = [{"weight": 0.5, "density": 0.3, "gamma": 0.01}, {"weight": 0.7, "density": 0.6, "gamma": 0.02}]
-    declared = {spec.name for spec in get_kernel(name).params}
-    params = [{k: v for k, v in mp.items() if k in declared} for mp in params]
+    params = declared_only(name, params)
     on_cpu = run(name, xs, base, params, seed=4)
     on_cuda = run(name, [x.cuda() for x in xs], base.cuda(), params, seed=4).cpu()
     assert torch.equal(on_cpu != base.float(), on_cuda != base.float())
@@ -409,8 +413,7 @@ def test_chunking_does_not_change_the_result(name, monkeypatch):
     xs = [(base.float() + 0.1 * randn(601, 500, seed=2 + i)).bfloat16() for i in range(3)]
     params = [{"weight": 0.5, "density": 0.4, "gamma": 0.01}, {"weight": 0.8, "density": 0.6, "gamma": 0.02},
               {"weight": 0.3, "density": 1.0, "gamma": 0.0}]
-    declared = {spec.name for spec in get_kernel(name).params}
-    params = [{k: v for k, v in mp.items() if k in declared} for mp in params]
+    params = declared_only(name, params)
     monkeypatch.setattr(task_vector, "_CPU_CHUNK", base.numel())
     whole = run(name, xs, base, params, seed=3)
     monkeypatch.setattr(task_vector, "_CPU_CHUNK", 30_001)
@@ -427,8 +430,7 @@ def test_compiled_combine_equals_the_eager_loop(name, monkeypatch):
     xs[1][:5] = (2 * base[:5].float() - xs[0][:5].float()).bfloat16()  # exact cancellations
     params = [{"weight": 0.5, "density": 0.4, "gamma": 0.01}, {"weight": 0.5, "density": 0.6, "gamma": 0.02},
               {"weight": 0.3, "density": 0.9, "gamma": 0.0}]
-    declared = {spec.name for spec in get_kernel(name).params}
-    params = [{k: v for k, v in mp.items() if k in declared} for mp in params]
+    params = declared_only(name, params)
     monkeypatch.setenv("EVOMERGE_COMPILE", "0")
     eager = run(name, xs, base, params, seed=3)
     monkeypatch.setenv("EVOMERGE_COMPILE", "1")
@@ -451,8 +453,7 @@ def test_thread_count_does_not_change_the_result(name, monkeypatch):
     base = randn(601, 500, seed=1, dtype=torch.bfloat16)
     xs = [(base.float() + 0.1 * randn(601, 500, seed=2 + i)).bfloat16() for i in range(2)]
     params = [{"weight": 0.5, "density": 0.4, "gamma": 0.01}, {"weight": 0.8, "density": 0.6, "gamma": 0.02}]
-    declared = {spec.name for spec in get_kernel(name).params}
-    params = [{k: v for k, v in mp.items() if k in declared} for mp in params]
+    params = declared_only(name, params)
     if name == "linear":
         xs = [base, *xs]
         params = [{"weight": 1.0}] + params

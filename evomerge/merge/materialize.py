@@ -49,10 +49,14 @@ class Plan:
         return sum(o.nbytes for o in self.outputs)
 
     def peak_bytes(self, sources: Mapping[str, TensorSource]) -> int:
-        """Working memory of the largest tensor: fp32 copies of its inputs, the result, the kernel's temporaries."""
+        """Working memory of the most expensive output tensor: its inputs as stored, then
+        the larger of a float32 scratch (magnitude selection) and the float32 result with
+        its cast to the output dtype; the kernels' chunk buffers are a few MB."""
         def cost(o: Output) -> int:
-            n_in = len(o.expr.inputs) + (o.expr.base is not None) if isinstance(o.expr, Merge) else 1
-            return (2 * n_in + 3) * 4 * numel(o.shape)
+            reads = [o.expr] if isinstance(o.expr, Read) else [*o.expr.inputs, *filter(None, [o.expr.base])]
+            n = numel(o.shape)
+            stored = sum(n * sources[r.source].dtype(r.name).itemsize for r in reads)
+            return stored + n * (4 + o.dtype.itemsize)
         return max((cost(o) for o in self.outputs), default=0)
 
 

@@ -17,9 +17,10 @@ over cache-sized chunks does the rest. In a chunk the models' deltas are the row
 one matrix, so each step is one in-place operation for all models, on a small workspace
 allocated once per call: the only full-size allocation is the output. On a CPU memory
 traffic, not arithmetic, sets the cost, and a fresh full-size temporary costs page
-faults worth several passes. (The torch.compile'd loop this replaced took as long per
-pass once warm on the bench family, and its first call took ~6 s in every new process;
-on a GPU, where it does pay, ``fused`` runs the same combine compiled.)
+faults worth several passes; with several threads the chunks are shared out among them
+(``threads``). The torch.compile'd loop this replaced took as long per pass once warm on
+the bench family, and its first call took ~6 s in every new process; on a GPU, where it
+does pay, ``fused`` runs the same combine compiled.
 """
 
 from __future__ import annotations
