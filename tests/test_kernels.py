@@ -447,6 +447,33 @@ def test_thread_ranges_cover_the_tensor_on_step_boundaries(n, step, parts):
     assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
 
 
+def test_kernel_threads_work_in_a_forked_child():
+    """A child forked after the pool exists gets its own (the parent's threads are not there).
+    torch's own OpenMP threads do not survive a fork either, so the child's plain operations
+    run on one thread; the kernel's ranges need none of them."""
+    import multiprocessing
+
+    x = torch.arange(1 << 19, dtype=torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run("linear", [x, x], None, [{"weight": 1.0}, {"weight": 1.0}])  # creates the pool here
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            total = pool.apply_async(_linear_sum_in_child).get(timeout=30)
+    finally:
+        torch.set_num_threads(before)
+    assert total == float(x.sum())
+
+
+def _linear_sum_in_child() -> float:
+    torch.set_num_threads(1)
+    x = torch.arange(1 << 19, dtype=torch.float32)
+    torch.set_num_threads(2)
+    merged = run("linear", [x, x], None, [{"weight": 1.0}, {"weight": 1.0}])
+    torch.set_num_threads(1)
+    return float(merged.sum())
+
+
 @pytest.mark.parametrize("name", ["linear", "ties", "dare_ties", "breadcrumbs"])
 def test_thread_count_does_not_change_the_result(name, monkeypatch):
     monkeypatch.setattr(task_vector, "_CPU_CHUNK", 10_000)  # many chunks per thread

@@ -12,6 +12,7 @@ thread count.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ T = TypeVar("T")
 
 _NAME = "evomerge-kernel"
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key: tuple[int, int] = (0, 0)  # (process id, size): a forked child has no pool threads
 _lock = threading.Lock()
 
 
@@ -50,10 +51,11 @@ def map_ranges(fn: Callable[[int, int], T], n: int, step: int) -> list[T]:
 
 
 def _executor(size: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_key
     with _lock:
-        if _pool is None or _pool_size != size:
-            if _pool is not None:
+        key = (os.getpid(), size)
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
                 _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix=_NAME), size
+            _pool, _pool_key = ThreadPoolExecutor(size, thread_name_prefix=_NAME), key
         return _pool
