@@ -11,12 +11,13 @@ tensor, the variants taking turns. Linear averages all three models, so it reads
   ties (sorted_abs)  the search path: each source's sorted |delta| precomputed once per
                      worker (its one-time cost is printed too), thresholds read off it
   ties (select)      a cold merge: exact O(n) selection of the threshold per call
-  dare_ties          random masks drawn inside the kernel
+  dare_ties          random masks from the counter-based hash (on the CPU drawn once per
+                     tensor and packed to bits)
   mergekit-style     argsort per tensor and unfused ops in the input dtype (written here
                      after mergekit 0.1.x's algorithm, as the baseline to beat)
 
-Target: ties/linear <= 1.5 on CPU for the search path. The first call of each variant
-(warm-up) is excluded and reported as "first call".
+The first call of each variant (warm-up) is excluded and reported as "first call". The
+issue's one-shot target (TIES <= 1.5x linear, whole merges from disk) is bench_merge.py's.
 """
 
 from __future__ import annotations

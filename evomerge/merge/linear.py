@@ -52,8 +52,7 @@ def merge(
 
     def run(first: int, last: int) -> None:
         buffer = torch.empty(min(last - first, _CPU_STEP), dtype=torch.float32)
-        for start in range(first, last, _CPU_STEP):
-            stop = min(start + _CPU_STEP, last)
+        for start, stop in threads.steps(first, last, _CPU_STEP):
             part = out[start:stop].copy_(flat[0][start:stop]).mul_(weights[0])
             for x, w in zip(flat[1:], weights[1:]):
                 part.add_(buffer[: stop - start].copy_(x[start:stop]), alpha=w)

@@ -124,15 +124,13 @@ def abs_delta(source: Tensor, base: Tensor, out: Tensor | None = None) -> Tensor
     if out is None:
         out = torch.empty(n, dtype=torch.float32, device=source.device)
     src, ref = source.reshape(-1), base.reshape(-1)
-    if source.device.type != "cpu":
-        return out.copy_(src).sub_(ref).abs_()
 
     def run(first: int, last: int) -> None:
-        for start in range(first, last, _STEP):
-            stop = min(start + _STEP, last)
+        step = _STEP if source.device.type == "cpu" else max(n, 1)
+        for start, stop in threads.steps(first, last, step):
             out[start:stop].copy_(src[start:stop]).sub_(ref[start:stop]).abs_()
 
-    threads.map_ranges(run, n, _STEP)
+    threads.map_ranges(run, n, _STEP, source.device)
     return out
 
 
@@ -186,8 +184,7 @@ def dare_keep_bits(keys: Sequence[int], cutoffs: Sequence[int], n: int) -> np.nd
     limits = np.asarray(cutoffs, dtype=np.uint32)[:, None]
 
     def run(first: int, last: int) -> None:
-        for start in range(first, last, _STEP):  # _STEP is a multiple of 8: blocks start on a byte
-            stop = min(start + _STEP, last)
+        for start, stop in threads.steps(first, last, _STEP):  # _STEP is a multiple of 8: byte-aligned
             keep = rng.random_bits_range(keys, start, stop) < limits
             packed[:, start // 8 : (stop + 7) // 8] = np.packbits(keep, axis=1)
 

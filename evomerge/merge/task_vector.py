@@ -25,6 +25,7 @@ does pay, ``fused`` runs the same combine compiled.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -113,16 +114,21 @@ class _Keep:
                     "keys": (0,) * n_models, "cutoffs": (1 << rng.BITS,) * n_models}
         return cls(kind, **(keep_all | given))
 
+    @functools.cached_property
+    def shrink_lo(self) -> tuple[float, ...]:
+        """hardshrink keeps |x| > lambda; the largest float32 below lo keeps |x| >= lo."""
+        return tuple(float(np.nextafter(np.float32(lo), np.float32(0))) for lo in self.lo)
+
     def apply_(self, deltas: Tensor, offset: int, scratch: Tensor, models: Sequence[int]) -> Tensor:
         """Zero, in place, the dropped entries of ``deltas``: row r holds model models[r]'s
         delta over the elements from ``offset`` on; ``scratch`` has the same shape."""
         if self.kind == "band":
             for row, spare, i in zip(deltas, scratch, models):
-                lo, hi = self.lo[i], self.hi[i]
+                hi = self.hi[i]
                 if hi < math.inf:  # breadcrumbs: the outliers above hi go too
                     torch.ops.aten.hardshrink.out(row, hi, out=spare)
-                if lo > 0:  # hardshrink keeps |x| > lambda; the largest float below lo keeps |x| >= lo
-                    torch.ops.aten.hardshrink.out(row, _float_below(lo), out=row)
+                if self.lo[i] > 0:
+                    torch.ops.aten.hardshrink.out(row, self.shrink_lo[i], out=row)
                 if hi < math.inf:
                     row.sub_(spare)
         elif self.kind == "random" and self.packed is not None:
@@ -133,11 +139,6 @@ class _Keep:
             cutoffs = torch.tensor([self.cutoffs[i] for i in models], device=deltas.device)[:, None]
             deltas.mul_(sparsify.dare_keep(index, keys, cutoffs).to(_F32))
         return deltas
-
-
-def _float_below(x: float) -> float:
-    """The largest float32 below the float32 ``x``."""
-    return float(np.nextafter(np.float32(x), np.float32(0)))
 
 
 def _keep_rule(
@@ -209,17 +210,14 @@ def _l1_norms(xs: Sequence[Tensor], base: Tensor, keep: _Keep, models: Sequence[
         work = torch.empty(2, len(xs), step, dtype=_F32, device=device)
         before = torch.zeros(len(xs), dtype=torch.float64, device=device)
         after = torch.zeros(len(xs), dtype=torch.float64, device=device)
-        for start in range(first, last, step):
-            stop = min(start + step, last)
+        for start, stop in threads.steps(first, last, step):
             deltas, scratch = work[0, :, : stop - start], work[1, :, : stop - start]
-            for row, x in zip(deltas, xs):
-                row.copy_(x[start:stop])
-            deltas.sub_(base[start:stop])
+            _deltas_into(deltas, xs, base[start:stop], start, stop)
             before += torch.abs(deltas, out=scratch).sum(dim=1)
             after += torch.abs(keep.apply_(deltas, start, scratch, models), out=scratch).sum(dim=1)
         return before, after
 
-    parts = _over_ranges(run, n, step, device)
+    parts = threads.map_ranges(run, n, step, device)
     return sum(p[0] for p in parts).to(_F32), sum(p[1] for p in parts).to(_F32)
 
 
@@ -253,15 +251,12 @@ def _combine(
     def run(first: int, last: int) -> None:
         work = torch.empty(2 * n_models + 5, step, dtype=_F32, device=device)
         ones = work[-1].fill_(1.0)
-        for start in range(first, last, step):
-            stop = min(start + step, last)
+        for start, stop in threads.steps(first, last, step):
             m = stop - start
             deltas, scratch = work[:n_models, :m], work[n_models : 2 * n_models, :m]
             b, acc, sign, divisor = (row[:m] for row in work[2 * n_models : 2 * n_models + 4])
-            b.copy_(base[start:stop])
-            for row, x in zip(deltas, xs):
-                row.copy_(x[start:stop])
-            keep.apply_(deltas.sub_(b), start, scratch, models)
+            b.copy_(base[start:stop])  # float32 once: the subtraction and the final sum reuse it
+            keep.apply_(_deltas_into(deltas, xs, b, start, stop), start, scratch, models)
             if pre_scale:
                 deltas.mul_(coef_column)
             if not consensus:
@@ -283,13 +278,15 @@ def _combine(
                 divisor.add_(torch.eq(divisor, 0, out=sign))
             torch.addcdiv(b, acc, divisor, value=lam, out=out[start:stop])
 
-    _over_ranges(run, n, step, device)
+    threads.map_ranges(run, n, step, device)
     return out
 
 
-def _over_ranges(fn, n: int, step: int, device: torch.device) -> list:
-    """``fn(first, last)`` over [0, n): on a CPU split over torch's threads (``threads``)."""
-    return threads.map_ranges(fn, n, step) if device.type == "cpu" else [fn(0, n)]
+def _deltas_into(rows: Tensor, xs: Sequence[Tensor], base: Tensor, start: int, stop: int) -> Tensor:
+    """Row i := xs[i][start:stop] - base (the base already sliced), in float32, in place."""
+    for row, x in zip(rows, xs):
+        row.copy_(x[start:stop])
+    return rows.sub_(base)
 
 
 def _sum_rows(rows: Tensor, out: Tensor) -> Tensor:

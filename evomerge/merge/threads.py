@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -36,9 +36,18 @@ def ranges(n: int, step: int, parts: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 
-def map_ranges(fn: Callable[[int, int], T], n: int, step: int) -> list[T]:
+def steps(first: int, last: int, step: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each chunk of [first, last)."""
+    for start in range(first, last, step):
+        yield start, min(start + step, last)
+
+
+def map_ranges(fn: Callable[[int, int], T], n: int, step: int, device: torch.device | str = "cpu") -> list[T]:
     """``fn(lo, hi)`` over ``ranges(n, step, threads)``, in parallel when torch has more
-    than one thread and the tensor more than one chunk; results in range order."""
+    than one thread and the tensor more than one chunk; results in range order. Off the
+    CPU, one call over everything (the device has its own parallelism)."""
+    if torch.device(device).type != "cpu":
+        return [fn(0, n)]
     threads = torch.get_num_threads()
     parts = ranges(n, step, threads)
     if len(parts) <= 1 or threading.current_thread().name.startswith(_NAME):  # nested: stay serial
