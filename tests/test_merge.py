@@ -61,7 +61,7 @@ def test_ties_gradient_and_filters_resolve_per_layer(family, tmp_path):
     assert w("model.layers.1.mlp.up_proj.weight") == [0.5, 0.5]
     assert w("model.layers.2.self_attn.q_proj.weight") == [1.0, 0.0]
     assert w("model.embed_tokens.weight") == [0.0, 0.0]  # t=0 before the blocks
-    assert w("lm_head.weight") == [1.0, 0.0]  # t=1 after them
+    assert w("lm_head.weight") == [0.0, 0.0]  # t=0 after them too: mergekit's rule (tests/test_mergekit.py)
 
 
 def test_slices_passthrough_stack_layers(family, tmp_path):
@@ -117,7 +117,7 @@ def test_routing_fold_equals_scaled_reference(family, tmp_path, arch):
     """The folded checkpoint's logits equal an unfolded path that scales each slot's input."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.routed_view import routed_view
+    from scaled_reference import routed_view
 
     f = family[arch]
     slots = [("a", 0, 1.3), ("b", 1, 0.7), ("a", 2, 1.1), ("b", 1, 0.9), ("base", 2, 1.25)]

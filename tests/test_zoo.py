@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from evomerge.errors import UserError
+from evomerge.tasks import TASK_DIR
 from evomerge.zoo import data
 from evomerge.zoo.build import MANIFEST, build_zoo, read_manifest, zoo_settings
 from evomerge.zoo.tokenizer import build_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def test_eval_splits_are_deterministic_disjoint_and_correct():
 
 def test_committed_task_files_match_the_generator():
     for name, docs in data.task_data_files().items():
-        committed = (REPO / "tasks" / "data" / name).read_text(encoding="utf-8")
+        committed = (TASK_DIR / "data" / name).read_text(encoding="utf-8")
         assert committed == data.render_jsonl(docs), f"regenerate with python -m evomerge.zoo.data ({name})"
 
 

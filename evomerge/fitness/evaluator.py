@@ -24,14 +24,15 @@ from evomerge.fitness.fast_lm import FastHFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from evomerge.errors import UserError, nearest  # noqa: E402
+from evomerge.tasks import TASK_DIR  # noqa: E402
 from evomerge.fitness.terms import FitnessTerm, Result, combine, scores_from_results  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def default_task_path() -> Path:
-    """The repository's ``tasks/`` directory (the zoo tasks)."""
-    return Path(__file__).resolve().parents[2] / "tasks"
+    """The shipped tasks (``evomerge/tasks/``, installed with the package)."""
+    return TASK_DIR
 
 
 class Evaluator:
@@ -149,14 +150,22 @@ class Evaluator:
         scores = scores_from_results(out["results"])
         return Result(scores=scores, fitness=combine(self.terms, scores))
 
-    def score_dir(self, path: str | Path) -> Result:
-        """Load a Hugging Face model dir (with its tokenizer) and score it."""
+    def score_dir(self, path: str | Path, compute: str | None = "auto") -> Result:
+        """Load a Hugging Face model dir (with its tokenizer) and score it.
+
+        ``compute``: the forward passes' dtype, by the same rule as the search's workers
+        (evomerge/dtypes.py), so a search's export scores what the search saw."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from evomerge.dtypes import compute_dtype
+        from evomerge.io.model_dir import ModelDir
 
         path = Path(path)
         check_model_dir(path)
+        stored = [e.dtype for e in ModelDir(path).entries.values() if e.dtype.is_floating_point]
+        dtype = compute_dtype(compute, self.device, max(set(stored), key=stored.count))
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(self.device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         return self.score_model(model, tokenizer)
 
 

@@ -12,6 +12,10 @@ import torch
 class Read:
     source: str  # model reference as written in the recipe
     name: str
+    # The recipe's ``dtype`` where converting the stored tensor to it changes values
+    # (float32 to bfloat16, say): mergekit loads its inputs in that dtype before any
+    # arithmetic, so the stored values are rounded to it first. None: read as stored.
+    rounds_to: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,10 @@ class Merge:
     model_params: tuple[Mapping[str, Any], ...]
     params: Mapping[str, Any]
     seed: int
+    # The recipe's ``dtype`` when it differs from the output dtype: mergekit's kernels
+    # return their result in the dtype they computed in, and only then is it cast to
+    # ``out_dtype``, so the result passes through this dtype on the way. None: straight.
+    rounds_to: torch.dtype | None = None
 
 
 Expr = Union[Read, Merge]
@@ -48,8 +56,21 @@ def numel(shape) -> int:
 
 
 def is_pre_tensor(name: str) -> bool:
-    # tensors before the first block (embeddings) take t=0, the rest (final norm, head) t=1, as mergekit does
+    """Whether a tensor outside the blocks comes before them (embeddings) rather than after
+    (final norm, head): the first slice's models make the former, the last slice's the
+    latter. Both take t=0 in gradients, as in mergekit."""
     return "embed" in name or name.endswith(("wte.weight", "wpe.weight"))
+
+
+def rounds_to(stored: torch.dtype, load: torch.dtype | None) -> torch.dtype | None:
+    """``load`` when converting a tensor stored as ``stored`` to it can change its values,
+    else None (float32 holds every bfloat16 and float16 value: reading those as float32
+    needs no rounding step, and no full-size copy)."""
+    if load is None or load == stored or not stored.is_floating_point:
+        return None
+    if load in (torch.float32, torch.float64) and stored.itemsize < load.itemsize:
+        return None
+    return load
 
 
 def layer_rests(source, index: int) -> list[str]:

@@ -11,18 +11,21 @@ the same tensors for the same recipe.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
 import torch
 
+from ..dtypes import DTYPES
 from ..errors import UserError, nearest
 from ..io.layers import Architecture
-from ..recipe import InputSlice, OutputSlice, Recipe, evaluate_setting
+from ..recipe import MERGE_SOURCE, InputSlice, OutputSlice, Recipe, evaluate_setting
 from .kernels import Kernel, get_kernel, with_defaults
-from .expr import Expr, Merge, Output, Read, is_pre_tensor, layer_rests, numel
-from .routing import route
+from .expr import Expr, Merge, Output, Read, is_pre_tensor, layer_rests, numel, rounds_to
+from .routing import fold, route
+from .tied import HEADS, head_names, tied_embedding
 
 
 class TensorSource(Protocol):
@@ -43,6 +46,9 @@ class Plan:
     outputs: list[Output]
     config: dict  # config.json of the result
     tokenizer_source: str
+    # The parameter-space merge's own tensors, by name: what a routed slot of source
+    # `merge` reads (as Read(MERGE_SOURCE, name)), and what a worker writes in place.
+    ps_outputs: dict[str, Output] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -53,6 +59,8 @@ class Plan:
         the larger of a float32 scratch (magnitude selection) and the float32 result with
         its cast to the output dtype; the kernels' chunk buffers are a few MB."""
         def cost(o: Output) -> int:
+            if isinstance(o.expr, Read) and o.expr.source == MERGE_SOURCE:
+                return cost(self.ps_outputs[o.expr.name]) + numel(o.shape) * (4 + o.dtype.itemsize)
             reads = [o.expr] if isinstance(o.expr, Read) else [*o.expr.inputs, *filter(None, [o.expr.base])]
             n = numel(o.shape)
             stored = sum(n * sources[r.source].dtype(r.name).itemsize for r in reads)
@@ -65,17 +73,15 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def plan(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int | None = None) -> Plan:
     seed = recipe.seed if seed is None else seed
     _check_compatible(recipe, sources)
-    out_dtype = _DTYPES.get(recipe.out_dtype or recipe.dtype or "")
+    out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
     outputs: list[Output] = []
     config: dict = {}
     if recipe.merge_method:
         outputs, config = _plan_ps(recipe, sources, seed, out_dtype)
+    ps_outputs = {o.name: o for o in outputs}
     if recipe.routing:
         outputs, config = route(recipe, sources, outputs, config, out_dtype)
     if out_dtype is not None:
@@ -87,7 +93,7 @@ def plan(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int | None =
         tok = recipe.base_model or recipe.model_refs()[0]
     if tok not in sources:
         raise UserError(f"tokenizer_source {tok!r} is not one of the recipe's models")
-    return Plan(outputs, config, tok)
+    return Plan(outputs, config, tok, ps_outputs)
 
 
 def _check_compatible(recipe: Recipe, sources: Mapping[str, TensorSource]) -> None:
@@ -132,6 +138,10 @@ def _plan_ps(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int, out
     slices = _slices(recipe, sources, kernel)
     _check_param_names(recipe, kernel, slices)
     for sl in slices:
+        names = [s.model for s in sl.sources]
+        twice = sorted({m for m in names if names.count(m) > 1})
+        if twice:  # mergekit refuses it too ("Duplicate merge inputs"); a weight says it better
+            raise UserError(f"{twice[0]} is listed twice in one slice; list each model once (give it a larger weight instead)")
         base = sl.base_model or recipe.base_model
         if kernel.uses_base and base is None:
             raise UserError(f"merge_method {kernel.name!r} needs a base_model")
@@ -145,12 +155,14 @@ def _plan_ps(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int, out
             if s.layer_range[1] > n:
                 raise UserError(f"layer_range {list(s.layer_range)} of {s.model} goes past its {n} layers (valid: 0..{n})")
 
-    ref = sources[recipe.base_model or slices[0].sources[0].model]
+    ref_name = recipe.base_model or slices[0].sources[0].model
+    ref = sources[ref_name]
     arch = ref.arch
     pre, post = [], []
     for name in list(ref.entries):
-        if arch.split(name) is None:
+        if arch.split(name) is None and name not in HEADS:
             (pre if is_pre_tensor(name) else post).append(name)
+    post += head_names(ref_name, ref, {s.model: sources[s.model] for s in slices[-1].sources})
 
     outputs: list[Output] = []
 
@@ -169,8 +181,11 @@ def _plan_ps(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int, out
                 in_names = [sources[s.model].arch.layer_tensor(s.layer_range[0] + idx, rest) for s in sl.sources]
                 add(arch.layer_tensor(layer, rest), sl, in_names, t)
             layer += 1
+    # t = 0 after the blocks as before them: mergekit 0.1.5 plans both with the ConfigReader
+    # it makes at t=0 (MergePlanner.plan_module), so a gradient's first value applies to
+    # the final norm and the head too
     for name in post:
-        add(name, slices[-1], [name] * len(slices[-1].sources), 1.0)
+        add(name, slices[-1], [name] * len(slices[-1].sources), 0.0)
 
     config = dict(ref.config)
     config[arch.layer_count_key] = layer
@@ -191,30 +206,38 @@ def _param_lookup(name: str, source: InputSlice | None, sl: OutputSlice, recipe:
 
 
 def _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_dtype) -> Output:
+    """``in_names``: each source's name for the tensor, what its parameters' filters see
+    (mergekit matches per-model filters against the input's name, global ones against the
+    output's); a tied source reads its embeddings for a head it does not store."""
     base_ref = sl.base_model or recipe.base_model
-    shapes = {}
+    reads, shapes, stored = [], {}, []
     for s, n in zip(sl.sources, in_names):
         src = sources[s.model]
-        if n not in src:
+        r = n if n in src else tied_embedding(src, n)
+        if r is None:
             raise UserError(f"{s.model} has no tensor {n!r} (needed for {out_name}); the models' layouts differ")
-        shapes[s.model] = src.shape(n)
+        reads.append(r)
+        shapes[s.model] = src.shape(r)
+        stored.append(src.dtype(r))
     if len(set(shapes.values())) > 1:
         detail = ", ".join(f"{m} {list(v)}" for m, v in shapes.items())
         raise UserError(f"shape mismatch for {out_name}: {detail}; merge models of one architecture and size")
     first = sl.sources[0]
-    src0 = sources[first.model]
-    shape = src0.shape(in_names[0])
-    dtype = out_dtype or src0.dtype(in_names[0])
-    if not src0.dtype(in_names[0]).is_floating_point:
-        return Output(out_name, shape, src0.dtype(in_names[0]), Read(first.model, in_names[0]))
+    shape = shapes[first.model]
+    if not stored[0].is_floating_point:
+        return Output(out_name, shape, stored[0], Read(first.model, reads[0]))
+    # without a dtype, mergekit computes in and writes the inputs' promoted dtype
+    dtype = out_dtype or functools.reduce(torch.promote_types, stored)
+    load = DTYPES.get(recipe.dtype or "")
 
     base = None
     inputs, model_params = [], []
-    for s, n in zip(sl.sources, in_names):
+    for s, n, r, d in zip(sl.sources, in_names, reads, stored):
+        read = Read(s.model, r, rounds_to(d, load))
         if kernel.uses_base and s.model == base_ref:
-            base = Read(s.model, n)
+            base = read
             continue
-        inputs.append(Read(s.model, n))
+        inputs.append(read)
         model_params.append({p.name: v for p in kernel.params if p.per_model
                              if (v := _param_lookup(p.name, s, sl, recipe, n, t)) is not None})
     params = {p.name: v for p in kernel.params if not p.per_model
@@ -226,23 +249,34 @@ def _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_d
         model_params, params = with_defaults(kernel, model_params, params)
     except UserError as e:
         raise UserError(f"{out_name}: {e}") from None
-    expr = Merge(kernel.name, tuple(inputs), base, tuple(model_params), params, tensor_seed(seed, out_name))
+    # mergekit's kernels return `dtype`; only then is the result cast to out_dtype
+    through = load if load is not None and load != dtype else None
+    expr = Merge(kernel.name, tuple(inputs), base, tuple(model_params), params, tensor_seed(seed, out_name), through)
     return Output(out_name, shape, dtype, expr)
 
 
 def compute(output: Output, get, device: str | torch.device = "cpu") -> torch.Tensor:
-    """One planned tensor, in its output dtype. ``get(Read) -> Tensor`` supplies inputs."""
-    t = evaluate(output.expr, get, device)
-    if output.divide_by != 1.0:
-        t = t / output.divide_by
-    return t.to(output.dtype)
+    """One planned tensor, in its output dtype. ``get(Read) -> Tensor`` supplies inputs
+    (including ``Read(MERGE_SOURCE, name)``: the merge's tensor ``name`` as written).
+
+    A routed slot's residual writer is folded after rounding to the output dtype, so the
+    fold of a merged tensor is the fold of the merge as written (see routing.py)."""
+    t = evaluate(output.expr, get, device).to(output.dtype)
+    return fold(t, output.divide_by, output.dtype) if output.divide_by != 1.0 else t
+
+
+def load(read: Read, get, device) -> torch.Tensor:
+    """A source tensor on ``device``, rounded to the recipe's ``dtype`` where the plan says so."""
+    x = get(read).to(device)
+    return x.to(read.rounds_to) if read.rounds_to is not None else x
 
 
 def evaluate(expr: Expr, get, device) -> torch.Tensor:
     if isinstance(expr, Read):
-        x = get(expr).to(device)
+        x = load(expr, get, device)
         return x.float() if x.is_floating_point() else x
     kernel = get_kernel(expr.kernel)
-    tensors = [get(r).to(device) for r in expr.inputs]
-    base = get(expr.base).to(device) if expr.base is not None else None
-    return kernel.fn(tensors, base, expr.model_params, expr.params, seed=expr.seed)
+    tensors = [load(r, get, device) for r in expr.inputs]
+    base = load(expr.base, get, device) if expr.base is not None else None
+    out = kernel.fn(tensors, base, expr.model_params, expr.params, seed=expr.seed)
+    return out.to(expr.rounds_to).float() if expr.rounds_to is not None else out

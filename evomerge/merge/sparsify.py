@@ -7,8 +7,9 @@ magnitude rules are order statistics of |delta|, found exactly and never by sort
 tensor (``Magnitudes``); a search can precompute ``sorted_abs_delta`` once per resident
 source and then read thresholds off it for every candidate at no cost.
 
-Conventions follow mergekit 0.1.x: k = int(density * numel) entries are kept; a
-density of 1 keeps everything untouched; breadcrumbs removes n_top = int(gamma * numel)
+Conventions follow mergekit 0.1.5: k = int(density * numel) entries are kept, and at
+least one for the TIES trim (``magnitude_threshold``'s ``min_keep``); a density of 1
+keeps everything untouched; breadcrumbs removes n_top = int(gamma * numel)
 largest entries and as many of the smallest as needed to reach k, giving back outliers
 first when both do not fit. Ties at a threshold are all kept.
 """
@@ -134,12 +135,14 @@ def abs_delta(source: Tensor, base: Tensor, out: Tensor | None = None) -> Tensor
     return out
 
 
-def magnitude_threshold(magnitudes: Magnitudes, density: float) -> Tensor:
-    """The k-th largest magnitude (k = int(density * numel)) as a 0-dim float32 tensor:
-    keeping |delta| >= it keeps the k largest. 0 for density >= 1 (keep all), inf for
-    k = 0 (keep none)."""
+def magnitude_threshold(magnitudes: Magnitudes, density: float, min_keep: int = 0) -> Tensor:
+    """The k-th largest magnitude (k = max(min_keep, int(density * numel))) as a 0-dim
+    float32 tensor: keeping |delta| >= it keeps the k largest. 0 for density >= 1 (keep
+    all), inf for k = 0 (keep none). The TIES kernel passes ``min_keep=1``: mergekit
+    0.1.5 keeps at least one entry of a tensor at any positive density (a 32-entry norm
+    at density 0.02 keeps its largest entry, not none)."""
     n = magnitudes.numel
-    k = int(density * n)
+    k = max(min_keep, int(density * n))
     if density >= 1 or k >= n:
         return torch.zeros((), device=magnitudes.device)
     if k == 0:

@@ -10,7 +10,11 @@ are presets of it (a sparsification rule, sign consensus on or off, default flag
 Sign election (TIES) uses the sign of sum_i w_i tau_i', >= 0 counting as +; a zero
 entry agrees with neither sign, so it is left out of the divisor; a zero divisor
 becomes 1. Without consensus a divisor |sum w| < 1e-8 becomes 1. These are mergekit's
-conventions.
+conventions, and on the eager path so is the float32 arithmetic, in its order: each
+kept delta times its rescale factor, then times its weight (two roundings, as mergekit
+has them), the products summed model by model, divided by the divisor, times lambda,
+added to the base. So a float32 merge is mergekit 0.1.5's to the bit where their
+masks agree (tests/test_mergekit.py); the compiled GPU path rounds in its own way.
 
 Speed: the per-model scalars (thresholds, rescale factors) come first; then one pass
 over cache-sized chunks does the rest. In a chunk the models' deltas are the rows of
@@ -66,31 +70,27 @@ def merge(
     weights = [float(mp["weight"]) for mp in model_params]
     scales = _rescales(params.get("rescale", "none"), keep, flat, flat_base, model_params)
     lam = float(params.get("lambda", 1.0))
-    if not consensus and params["normalize"]:
-        total = sum(weights)
-        lam = lam / total if abs(total) >= 1e-8 else lam
-    coefs = [w * s for w, s in zip(weights, scales)]
     normalize = bool(params["normalize"])
+    coefs = [w * s for w, s in zip(weights, scales)]
+    fused_lam = lam
+    if not consensus and normalize:
+        total = sum(weights)
+        fused_lam = lam / total if abs(total) >= 1e-8 else lam
     out = fused.combine(flat_base, flat, kind=keep.kind, lo=keep.lo, hi=keep.hi, keys=keep.keys,
                         cutoffs=keep.cutoffs, coefs=coefs, elect_unweighted=_elect_unweighted(coefs),
-                        weights=weights, lam=lam, consensus=consensus, normalize=normalize)
+                        weights=weights, lam=fused_lam, consensus=consensus, normalize=normalize)
     if out is None:
-        out = _combine(flat_base, flat, keep, coefs, weights, lam, consensus=consensus, normalize=normalize)
+        out = _combine(flat_base, flat, keep, scales, weights, lam, consensus=consensus, normalize=normalize)
     return out.view(base.shape)
 
 
-def _pre_scale(coefs: Sequence[float]) -> bool:
-    """Agreement is read off the signs of the unweighted deltas when every coefficient is
-    positive; otherwise the coefficients are applied first."""
-    return any(c <= 0 for c in coefs)
-
-
 def _elect_unweighted(coefs: Sequence[float]) -> bool:
-    """Whether the elected sign is read off the plain sum of the deltas: with equal positive
-    coefficients it is the weighted sum's, and an exact cancellation (common between bf16
-    fine-tunes one step either side of the base) stays an exact zero, elected +, however
-    products would round or fuse. Otherwise the weighted deltas are summed as products
-    first, in order, which is mergekit's rounding."""
+    """For the compiled kernel only: whether it elects the sign off the plain sum of the
+    deltas. With equal positive coefficients that is the weighted sum's sign, and an exact
+    cancellation (common between bf16 fine-tunes one step either side of the base) stays
+    an exact zero, elected +, however a compiler fuses the products into the sum. The
+    eager loop needs no such care: its products are rounded one by one before the sum,
+    as mergekit's are, so exact negatives cancel to an exact zero there too."""
     return coefs[0] > 0 and all(c == coefs[0] for c in coefs)
 
 
@@ -170,7 +170,7 @@ def _keep_rule(
         magnitudes = (sparsify.Magnitudes.of_sorted(sorted_abs) if sorted_abs is not None
                       else sparsify.Magnitudes.of_delta(x, flat_base, scratch))
         if sparsification == "magnitude":
-            lo[i] = float(sparsify.magnitude_threshold(magnitudes, densities[i]))
+            lo[i] = float(sparsify.magnitude_threshold(magnitudes, densities[i], min_keep=1))
         else:
             lo[i], hi[i] = (float(v) for v in sparsify.breadcrumbs_band(magnitudes, densities[i], float(mp["gamma"])))
     return _Keep.make("band", len(flat), lo=tuple(lo), hi=tuple(hi))
@@ -226,11 +226,12 @@ def _chunk_size(t: Tensor) -> int:
 
 
 def _combine(
-    base: Tensor, xs: Sequence[Tensor], keep: _Keep, coefs: Sequence[float], weights: Sequence[float],
+    base: Tensor, xs: Sequence[Tensor], keep: _Keep, scales: Sequence[float], weights: Sequence[float],
     lam: float, *, consensus: bool, normalize: bool,
 ) -> Tensor:
-    """base + lam * (the kept, weighted deltas, summed over the agreeing models and, for
-    consensus with normalize, divided by their weights), chunk by chunk into one output.
+    """base + lam * (the kept, rescaled, weighted deltas, summed over the agreeing models
+    and, when normalizing, divided by their weights), chunk by chunk into one output, in
+    mergekit's order of operations (see the module docstring).
 
     The models' deltas of a chunk are the rows of one matrix, so each step is one
     operation for all models, whatever their number.
@@ -238,45 +239,49 @@ def _combine(
     n, n_models, device = base.numel(), len(xs), base.device
     step = min(_chunk_size(base), n)
     out = torch.empty(n, dtype=_F32, device=device)
-    coef_column = torch.tensor(coefs, dtype=_F32, device=device)[:, None]
-    weight_vector = torch.tensor(weights, dtype=_F32, device=device)
-    pre_scale = _pre_scale(coefs)
-    coef_vector = torch.ones(n_models, dtype=_F32, device=device) if pre_scale else coef_column[:, 0]
-    elect_unweighted = pre_scale or _elect_unweighted(coefs)  # pre-scaled deltas are the products
+    scale_column = torch.tensor(scales, dtype=_F32, device=device)[:, None] if any(s != 1 for s in scales) else None
+    weight_column = torch.tensor(weights, dtype=_F32, device=device)[:, None]
+    # Without consensus mergekit divides by the float32 sum of the weights (1 when it is
+    # within 1e-8 of 0), a 1-element tensor: CUDA would turn division by a Python number
+    # into a multiplication by its reciprocal, which rounds differently.
+    total = weight_column.sum(dim=0)
+    fixed_divisor = total if normalize and not consensus and abs(float(total)) >= 1e-8 else None
     # A sum of positive weights is 0 or at least the smallest weight, so clamping it there
     # (one operation) turns exactly the zeros into a nonzero divisor.
     zero_divisor_floor = min(weights) if min(weights) > 0 else None
     models = range(n_models)
 
     def run(first: int, last: int) -> None:
-        work = torch.empty(2 * n_models + 5, step, dtype=_F32, device=device)
+        work = torch.empty(2 * n_models + 4, step, dtype=_F32, device=device)
         ones = work[-1].fill_(1.0)
         for start, stop in threads.steps(first, last, step):
             m = stop - start
             deltas, scratch = work[:n_models, :m], work[n_models : 2 * n_models, :m]
-            b, acc, sign, divisor = (row[:m] for row in work[2 * n_models : 2 * n_models + 4])
+            b, acc, sign = (row[:m] for row in work[2 * n_models : 2 * n_models + 3])
             b.copy_(base[start:stop])  # float32 once: the subtraction and the final sum reuse it
             keep.apply_(_deltas_into(deltas, xs, b, start, stop), start, scratch, models)
-            if pre_scale:
-                deltas.mul_(coef_column)
-            if not consensus:
-                torch.add(b, torch.mv(deltas.t(), coef_vector, out=acc), alpha=lam, out=out[start:stop])
-                continue
-            # Elected sign: +1 where sum_i c_i delta_i >= 0. copysign sends -0 to -1, but a -0
-            # sum means every term is zero, and then nobody agrees either way.
-            weighted = deltas if elect_unweighted else torch.mul(deltas, coef_column, out=scratch)
-            torch.copysign(ones[:m], _sum_rows(weighted, out=acc), out=sign)
-            agreeing = torch.mul(deltas, sign, out=scratch).relu_()  # |delta| where it agrees, else 0
-            torch.mv(agreeing.t(), coef_vector, out=acc).mul_(sign)
-            if not normalize:
-                torch.add(b, acc, alpha=lam, out=out[start:stop])
-                continue
-            torch.mv(agreeing.sign_().t(), weight_vector, out=divisor)
-            if zero_divisor_floor:  # positive weights: where nobody agrees acc is 0, and 0 / floor = 0 / 1
-                divisor.clamp_min_(zero_divisor_floor)
-            else:  # a zero divisor becomes 1
-                divisor.add_(torch.eq(divisor, 0, out=sign))
-            torch.addcdiv(b, acc, divisor, value=lam, out=out[start:stop])
+            if scale_column is not None:
+                deltas.mul_(scale_column)
+            weighted = deltas.mul_(weight_column)
+            _sum_rows(weighted, out=acc)
+            if consensus:
+                # Elected sign: +1 where sum_i w_i delta_i >= 0. copysign sends -0 to -1, but a
+                # -0 sum means every term is zero, and then nobody agrees either way.
+                torch.copysign(ones[:m], acc, out=sign)
+                agrees = torch.mul(weighted, sign, out=scratch).gt_(0)  # 1 where it agrees, else 0
+                _sum_rows(weighted.mul_(agrees), out=acc)
+                if normalize:
+                    divisor = _sum_rows(agrees.mul_(weight_column), out=sign)
+                    if zero_divisor_floor:  # positive weights: where nobody agrees acc is 0, and 0 / floor = 0 / 1
+                        divisor.clamp_min_(zero_divisor_floor)
+                    else:  # a zero divisor becomes 1
+                        divisor.add_(torch.eq(divisor, 0, out=scratch[0]))
+                    acc.div_(divisor)
+            elif fixed_divisor is not None:
+                acc.div_(fixed_divisor)
+            if lam != 1:
+                acc.mul_(lam)
+            torch.add(b, acc, out=out[start:stop])
 
     threads.map_ranges(run, n, step, device)
     return out

@@ -11,8 +11,8 @@ from ..errors import UserError
 from ..io.model_dir import ModelDir
 from ..io.safetensors_file import StreamingWriter, has_nonfinite
 from ..io.writer import atomic_dir, check_out_dir, copy_tokenizer, shard_layout, shard_names, write_json, write_text
-from ..recipe import Recipe
-from .expr import Merge
+from ..recipe import MERGE_SOURCE, Recipe
+from .expr import Merge, Read
 from .materialize import Plan, compute, plan
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -42,7 +42,7 @@ def describe(p: Plan, sources: dict[str, ModelDir]) -> str:
     gib = 2**30
     lines = [f"sources ({len(sources)}):"]
     lines += [f"  {ref}: {s.arch.model_type}, {s.arch.num_layers} layers, {s.nbytes / gib:.2f} GiB" for ref, s in sources.items()]
-    merged = sum(1 for o in p.outputs if isinstance(o.expr, Merge))
+    merged = sum(1 for o in p.outputs if isinstance(o.expr, Merge) or o.expr == Read(MERGE_SOURCE, getattr(o.expr, "name", None)))
     lines.append(f"output: {len(p.outputs)} tensors ({merged} merged, {len(p.outputs) - merged} copied), {p.nbytes / gib:.2f} GiB")
     lines.append(f"peak memory estimate: {p.peak_bytes(sources) / gib:.2f} GiB working set beyond the interpreter (streamed per tensor)")
     lines.append(f"tokenizer from: {p.tokenizer_source}")
@@ -71,6 +71,8 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | Non
     files = shard_names(len(groups))
 
     def get(read):
+        if read.source == MERGE_SOURCE:  # a routed slot of the recipe's own merge
+            return compute(p.ps_outputs[read.name], get, device)
         t = sources[read.source].get(read.name)
         if has_nonfinite(t):
             raise UserError(f"{read.source}: tensor {read.name} holds NaN or Inf; the source checkpoint is broken")

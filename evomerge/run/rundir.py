@@ -57,19 +57,24 @@ class RunDir:
             os.fsync(f.fileno())
 
     def read_history(self) -> list[dict]:
-        """Entries in order; a torn last line (a kill mid-write) is dropped and cut off the file."""
+        """Entries in order. A torn last line (a kill mid-write) is dropped and cut off the file;
+        a bad line before it is no crash's doing, so it is reported, never silently cut."""
         if not self.history.is_file():
             return []
         raw = self.history.read_bytes()
+        lines = raw.splitlines(keepends=True)
         entries, good = [], 0
-        for line in raw.splitlines(keepends=True):
+        for number, line in enumerate(lines, 1):
             try:
-                entries.append(json.loads(line))
+                entry = json.loads(line) if line.endswith(b"\n") else None
             except json.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict):
+                if number < len(lines):
+                    raise UserError(f"{self.history}: line {number} is not a JSON object ({line[:60]!r}); "
+                                    "restore the file or delete that line, then resume")
                 break
-            if not line.endswith(b"\n"):
-                entries.pop()
-                break
+            entries.append(entry)
             good += len(line)
         if good != len(raw):
             with open(self.history, "r+b") as f:

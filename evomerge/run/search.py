@@ -179,7 +179,7 @@ class _Search:
         while self.pool.pending:
             out = self.pool.next_outcome()
             h, attempt = out.tag
-            if out.result is None and attempt < MAX_ATTEMPTS:
+            if out.result is None and out.retry and attempt < MAX_ATTEMPTS:
                 self.rd.log(f"generation {gen}: candidate {h} failed ({out.error}); running it again")
                 self.pool.submit((h, attempt + 1), recipes[h])
                 continue
@@ -191,6 +191,10 @@ class _Search:
                 entries[i] = self._record(gen, i, genomes[i], h, result, error, cached=n > 0)
             if error is None:
                 self._improve(entries[waiting[h][0]])
+        if self.best is None and all(e["error"] for e in entries):
+            # nothing has ever scored: the config, not one candidate, is at fault
+            raise UserError(f"every candidate of generation {gen} failed, the first with: {entries[0]['error']}; "
+                            "fix the search config (errors per candidate are in history.jsonl)")
         # failed candidates tell the optimizer NaN, which it maps to the worst value seen
         self.opt.tell(genomes, [e["fitness"] if e["fitness"] is not None else float("nan") for e in entries])
         self.rd.save_checkpoint({"optimizer": self.opt.state_dict(), "generation": self.opt.generation})

@@ -125,6 +125,8 @@ class SearchSpace:
             if self.cfg.ps is None:
                 data["base_model"] = self.cfg.base_model
         data["seed"] = self.cfg.optimizer.seed
+        if self.cfg.dtype:
+            data["out_dtype"] = self.cfg.dtype
         return parse_recipe(data, where="decoded genome")
 
     def _values(self, x: np.ndarray, start: int) -> list[float]:
@@ -167,11 +169,15 @@ class SearchSpace:
             # an empty path is no model; keep the slot the genome leans to most
             on[int(np.argmax(x[self.dfs_offset:self.dfs_offset + n]))] = True
         slots = []
+        limit = self.cfg.dfs.max_cumulative_scale
+        c = 1.0  # the cumulative scale c_k, held within [1/limit, limit] so the path folds safely
         for k in np.flatnonzero(on):
             src, layer = self.slots[k]
             slot = {"source": src, "layer": layer}
             if self.cfg.dfs.scales:
-                slot["scale"] = round(self.genes[self.dfs_offset + n + k].value(x[self.dfs_offset + n + k]), 6)
+                wanted = c * self.genes[self.dfs_offset + n + k].value(x[self.dfs_offset + n + k])
+                slot["scale"] = round(min(limit, max(1 / limit, wanted)) / c, 6)
+                c *= slot["scale"]
             slots.append(slot)
         routing = {"slots": slots}
         if self.cfg.dfs.embeddings:

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from ..errors import UserError
-from ..recipe import MERGE_SOURCE
+from ..recipe import COMPUTE_DTYPES, DTYPES, MERGE_SOURCE
 from ..yaml_files import read_yaml, validate
 
 
@@ -51,12 +51,25 @@ class DFSSpace(_Frozen):
     scale_bounds: tuple[float, float] = (0.5, 1.5)
     scales: bool = True  # false: layer selection only, every scale 1 (half the genes)
     embeddings: Optional[str] = None  # source of embeddings/head; default 'merge' with PS, else base_model
+    # bound on the product of the scales up to each slot (what export divides the slot's residual
+    # writers by); 4 folds safely into every output dtype, float16 included (routing.FOLD_LIMITS)
+    max_cumulative_scale: float = 4.0
 
     @field_validator("repeats")
     @classmethod
     def _rep(cls, v):
         if v < 1:
             raise ValueError("repeats must be >= 1")
+        return v
+
+    @field_validator("max_cumulative_scale")
+    @classmethod
+    def _cumulative(cls, v):
+        from ..merge.routing import FOLD_LIMITS
+
+        top = max(FOLD_LIMITS.values())
+        if not 1 <= v <= top:
+            raise ValueError(f"max_cumulative_scale {v} must be in [1, {top:g}] ({top:g} is what folds safely into bf16 weights)")
         return v
 
     @field_validator("scale_bounds")
@@ -77,7 +90,7 @@ class FitnessConfig(_Frozen):
     tasks: list[TermConfig]
     limit: Optional[int] = None
     batch_size: int = 64
-    task_path: Optional[str] = None  # directory of lm-eval task YAMLs; default: the repo's tasks/
+    task_path: Optional[str] = None  # directory of lm-eval task YAMLs; default: the shipped evomerge/tasks/
 
     @field_validator("tasks")
     @classmethod
@@ -113,18 +126,35 @@ class WorkersConfig(_Frozen):
     count: int = 2  # Ray actors; 0 runs in-process without Ray
     gpus_per_worker: Union[Literal["auto"], float] = "auto"  # auto: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1
+    # dtype of the forward passes; auto: float32 on a CPU, the stored dtype on a GPU (see evomerge/dtypes.py)
+    compute_dtype: str = "auto"
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _compute(cls, v):
+        if v not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {v!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        return v
 
 
 class SearchConfig(_Frozen):
     name: Optional[str] = None
     base_model: Optional[str] = None
     models: list[str]
+    dtype: Optional[str] = None  # candidates' (and exports') dtype; default: each tensor's stored dtype
     ps: Optional[PSSpace] = None
     dfs: Optional[DFSSpace] = None
     fitness: FitnessConfig
     test: list[TermConfig] = []  # scored once at the end (held-out splits); never seen by the search
     optimizer: OptimizerConfig = OptimizerConfig()
     workers: WorkersConfig = WorkersConfig()
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
+        return v
 
     @model_validator(mode="after")
     def _spaces(self):

@@ -2,8 +2,10 @@
 
 Built once per worker: the resident sources, one preallocated candidate model
 (PS merges are written into its parameters in place), the tokenizer, and the
-fitness evaluator with its lm-eval tasks. DFS paths run as views over the
-resident blocks (see merge/routed_view.py), copying no weights.
+fitness evaluator with its lm-eval tasks. A routed (DFS) candidate is the folded
+checkpoint export writes, built over the resident blocks (workers/routed.py).
+Everything runs in the compute dtype (float32 on a CPU), holding exactly the values
+`evomerge merge` writes in the output dtype.
 """
 
 from __future__ import annotations
@@ -19,14 +21,31 @@ set_offline_env()
 from ..errors import UserError  # noqa: E402
 from ..fitness.terms import FitnessTerm  # noqa: E402
 from ..merge.materialize import compute, plan  # noqa: E402
-from ..merge.routed_view import routed_view  # noqa: E402
 from ..recipe import MERGE_SOURCE, Recipe, parse_recipe  # noqa: E402
 from ..space.config import SearchConfig  # noqa: E402
-from .resident import ResidentModel, blocks_of  # noqa: E402
+from .resident import ResidentModel  # noqa: E402
+from .routed import RoutedBuilder  # noqa: E402
 
 
 class CandidateWorker:
+    """A worker whose start-up never raises: a failure (a NaN in a source, a broken tokenizer)
+    is kept and reported by ``ping``, so the driver can say it in one line and close the pool
+    (Ray hands a driver only the text of an exception raised while an actor starts)."""
+
     def __init__(self, config: dict, device: str = "cpu", worker_id: int = 0):
+        self.worker_id = worker_id
+        self.startup_error: str | None = None
+        try:
+            self._start(config, device)
+        except UserError as e:
+            self.startup_error = str(e)
+        except Exception as e:  # noqa: BLE001 - reported by ping; the traceback goes to the worker's log
+            import traceback
+
+            traceback.print_exc()
+            self.startup_error = f"worker {worker_id} could not load the models: {type(e).__name__}: {_first_line(e)}"
+
+    def _start(self, config: dict, device: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..fitness.evaluator import Evaluator
@@ -38,14 +57,17 @@ class CandidateWorker:
         # spin against the other workers and slowed small models' forwards a hundredfold here.
         self.cfg = SearchConfig.model_validate(config)
         self.device = device
-        self.worker_id = worker_id
-        self.sources = {ref: ResidentModel(ref, device) for ref in self.cfg.model_refs()}
+        compute_dtype = self.cfg.workers.compute_dtype
+        self.sources = {ref: ResidentModel(ref, device, compute_dtype) for ref in self.cfg.model_refs()}
         home = self.cfg.base_model or self.cfg.models[0]
         self.tokenizer = AutoTokenizer.from_pretrained(home)
+        self.compute_dtype = self.sources[home].compute_dtype
         # the candidate: a private copy of the base, overwritten in place by every PS candidate
-        self.candidate = AutoModelForCausalLM.from_pretrained(home, dtype="auto").to(device).eval()
+        self.candidate = AutoModelForCausalLM.from_pretrained(home, dtype=self.compute_dtype).to(device).eval()
         self.candidate.config.use_cache = False
         self.candidate_tensors = self.candidate.state_dict()
+        arch = self.sources[home].arch
+        self.routed = RoutedBuilder(arch.layer_prefix, arch.layer_count_key, device, self.compute_dtype)
         fit = self.cfg.fitness
         self.evaluators = {
             "search": Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in fit.tasks], fit.task_path, fit.limit, fit.batch_size, device),
@@ -53,43 +75,37 @@ class CandidateWorker:
         if self.cfg.test:
             self.evaluators["test"] = Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in self.cfg.test], fit.task_path, None, fit.batch_size, device)
 
-    def ping(self) -> int:
-        return self.worker_id
+    def ping(self) -> str | None:
+        """None once the worker is ready, else why it could not start."""
+        return self.startup_error
 
     def materialize(self, recipe: Recipe) -> torch.nn.Module:
-        """The candidate as a live model: PS written in place, DFS as a view over resident blocks."""
-        if recipe.merge_method:
-            ps = plan(recipe.model_copy(update={"routing": None}), self.sources)
-            get = lambda read: self.sources[read.source].get(read.name)  # noqa: E731
-            for out in ps.outputs:
-                dst = self.candidate_tensors.get(out.name)
-                if dst is None or tuple(dst.shape) != out.shape:
-                    raise UserError(f"the search's candidate has no tensor {out.name} of shape {list(out.shape)}; PS search spaces keep the base's layout")
-                dst.copy_(compute(out, get, self.device))
+        """The candidate as a live model: PS written in place, DFS as the folded model over resident blocks."""
+        p = plan(recipe, self.sources)
+        for out in p.ps_outputs.values():
+            dst = self.candidate_tensors.get(out.name)
+            if dst is None or tuple(dst.shape) != out.shape:
+                raise UserError(f"the search's candidate has no tensor {out.name} of shape {list(out.shape)}; PS search spaces keep the base's layout")
+            dst.copy_(compute(out, self._get, self.device))
         if recipe.routing is None:
             return self.candidate
-        return self._view(recipe)
-
-    def _view(self, recipe: Recipe) -> torch.nn.Module:
-        routing = recipe.routing
-        emb = routing.embeddings or (MERGE_SOURCE if recipe.merge_method else recipe.base_model)
+        models = {ref: src.model for ref, src in self.sources.items()}
+        models[MERGE_SOURCE] = self.candidate
         home = self.sources[self.cfg.base_model or self.cfg.models[0]]
-        prefix = home.arch.layer_prefix
+        return self.routed.build(recipe, p, models, self._stored_dtype, self._get, home.arch)
 
-        def model_of(src: str):
-            return self.candidate if src == MERGE_SOURCE else self.sources[src].model
+    def _get(self, read) -> torch.Tensor:
+        if read.source == MERGE_SOURCE:
+            return self.candidate_tensors[read.name]
+        return self.sources[read.source].get(read.name)
 
-        layers, types = [], []
-        for slot in routing.slots:
-            block = blocks_of(model_of(slot.source), prefix)[slot.layer]
-            layers.append((block, slot.scale))
-            src_types = getattr(model_of(slot.source).config, "layer_types", None)
-            if isinstance(src_types, list):
-                types.append(src_types[slot.layer])
-        return routed_view(model_of(emb), prefix, layers, home.arch.layer_count_key, types or None)
+    def _stored_dtype(self, read) -> torch.dtype:
+        return self.sources[read.source].dtype(read.name)
 
     @torch.no_grad()
     def evaluate(self, recipe_data: dict, split: str = "search") -> dict:
+        if self.startup_error is not None:  # a replacement actor that could not start
+            raise RuntimeError(self.startup_error)
         t0 = time.perf_counter()
         recipe = parse_recipe(recipe_data, where="candidate")
         model = self.materialize(recipe)
@@ -128,3 +144,8 @@ class ForwardTimer:
     def __exit__(self, *_) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
-from ..fitness.env import OFFLINE_ENV
+from ..fitness.env import OFFLINE_ENV, QUIET_ENV
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Outcome:
     result: dict | None  # None when it failed
     error: str | None = None
     worker_died: bool = False
+    retry: bool = True  # False for the candidate's own user error (e.g. weights summing to 0): it would fail again
 
 
 @dataclass
@@ -51,6 +52,8 @@ class InProcessPool:
         from .candidate import CandidateWorker
 
         self.worker = CandidateWorker(config, device, worker_id=0)
+        if self.worker.ping() is not None:
+            raise UserError(self.worker.ping())
         self.queue: deque = deque()
         self.usage = _Usage()
 
@@ -65,8 +68,8 @@ class InProcessPool:
         tag, recipe, split = self.queue.popleft()
         try:
             return self.usage.add(Outcome(tag, self.worker.evaluate(recipe, split)))
-        except UserError:
-            raise
+        except UserError as e:  # this candidate's own fault: recorded against it, the search goes on
+            return Outcome(tag, None, f"UserError: {e}", retry=False)
         except Exception as e:  # a candidate that breaks must not end the search
             return Outcome(tag, None, f"{type(e).__name__}: {e}")
 
@@ -84,13 +87,15 @@ class RayPool:
 
         self.ray = ray
         self.started_ray = False
-        env = {"env_vars": {**OFFLINE_ENV, "TQDM_DISABLE": "1"}}
+        env = {"env_vars": {**OFFLINE_ENV, **QUIET_ENV}}
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level=logging.WARNING)
             else:
-                ray.init(num_cpus=max(count * cpus_per_worker, 1), include_dashboard=False, runtime_env=env,
-                         log_to_driver=False, logging_level=logging.WARNING)
+                # "local": a private cluster even when `ray start --head` runs on this machine, RAY_ADDRESS
+                # is set, or a crashed cluster left its address file (Ray would join that one instead)
+                ray.init(address="local", num_cpus=max(count * cpus_per_worker, 1), include_dashboard=False,
+                         runtime_env=env, log_to_driver=False, logging_level=logging.WARNING)
                 self.started_ray = True
         have_gpus = gpus_available(ray)
         gpus = (1.0 if have_gpus >= count else 0.0) if gpus_per_worker == "auto" else float(gpus_per_worker)
@@ -112,13 +117,13 @@ class RayPool:
         self.next_id = 0
         self.actors = [self._spawn() for _ in range(count)]
         try:
-            ray.get([a.ping.remote() for a in self.actors])  # sources loaded, tasks built
-        except ray.exceptions.RayTaskError as e:
+            errors = ray.get([a.ping.remote() for a in self.actors])  # sources loaded, tasks built
+        except ray.exceptions.RayError as e:  # an actor that died starting (out of memory, a crash)
             self.close()
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, UserError):
-                raise cause from None
-            raise
+            raise UserError(f"a worker could not start: {str(e).strip().splitlines()[0]}") from None
+        if any(errors):
+            self.close()
+            raise UserError(next(e for e in errors if e))
         self.idle = deque(self.actors)
         self.queue: deque = deque()
         self.inflight: dict = {}  # ObjectRef -> (tag, recipe, split, actor)
@@ -162,9 +167,8 @@ class RayPool:
         except ray.exceptions.RayTaskError as e:
             self.idle.append(actor)
             cause = e.cause if getattr(e, "cause", None) is not None else e
-            if isinstance(cause, UserError):
-                raise cause from None
-            outcome = Outcome(tag, None, f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+            text = str(cause).splitlines()[0] if str(cause) else ""
+            outcome = Outcome(tag, None, f"{type(cause).__name__}: {text}", retry=not isinstance(cause, UserError))
         self._dispatch()
         return outcome
 

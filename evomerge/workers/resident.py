@@ -2,7 +2,9 @@
 
 A ResidentModel is both an HF model object (its blocks are what DFS paths run)
 and a TensorSource over the same storage (what PS kernels read), so each source
-is held once.
+is held once. Its tensors live in the compute dtype (float32 on a CPU: exact for
+bf16 values), while ``dtype()`` reports the dtype stored on disk, so a planned
+candidate is rounded exactly as `evomerge merge` rounds the file it writes.
 """
 
 from __future__ import annotations
@@ -10,24 +12,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..dtypes import compute_dtype
 from ..errors import UserError
 from ..io.model_dir import ModelDir
 from ..io.safetensors_file import has_nonfinite
 
 
 class ResidentModel:
-    def __init__(self, path: str, device: str = "cpu"):
+    def __init__(self, path: str, device: str = "cpu", compute: str | None = "auto"):
         from transformers import AutoModelForCausalLM
 
         md = ModelDir(path)
         self.path, self.config, self.arch = md.path, md.config, md.arch
-        # stored dtype: candidates get exactly the tensors `evomerge merge` would write
-        self.model = AutoModelForCausalLM.from_pretrained(md.path, dtype="auto").to(device).eval()
+        self.stored = {name: e.dtype for name, e in md.entries.items()}
+        self.compute_dtype = compute_dtype(compute, device, _main_dtype(self.stored))
+        self.model = AutoModelForCausalLM.from_pretrained(md.path, dtype=self.compute_dtype).to(device).eval()
         self.model.config.use_cache = False
         state = self.model.state_dict()
         self.tensors: dict[str, torch.Tensor] = {}
         for name in md.entries:
             t = state[name] if name in state else md.get(name).to(device)
+            if t.is_floating_point():
+                t = t.to(self.compute_dtype)
             if has_nonfinite(t):
                 raise UserError(f"{path}: tensor {name} holds NaN or Inf; the source checkpoint is broken")
             self.tensors[name] = t
@@ -40,13 +46,19 @@ class ResidentModel:
         return tuple(self.tensors[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.tensors[name].dtype
+        return self.stored[name]
 
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
     def blocks(self) -> nn.ModuleList:
         return blocks_of(self.model, self.arch.layer_prefix)
+
+
+def _main_dtype(stored: dict[str, torch.dtype]) -> torch.dtype:
+    """The dtype most floating tensors are stored in (what `auto` keeps on a GPU)."""
+    floats = [d for d in stored.values() if d.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
 
 
 def blocks_of(model: nn.Module, layer_prefix: str) -> nn.ModuleList:

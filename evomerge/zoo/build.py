@@ -159,7 +159,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Hide transformers' per-save "Writing model shards" bar; our own bar shows progress."""
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -176,7 +176,7 @@ def _train_all(settings: ZooSettings, root: Path, progress: bool) -> dict:
     base = init_model(make_config(settings.shape, tokenizer), settings.seed)
 
     def save(model, rel: str) -> None:
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(root / rel)
         tokenizer.save_pretrained(root / rel)
 

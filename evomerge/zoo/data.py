@@ -11,7 +11,7 @@ and in the short format only copying (any free tag: ``c:abh>abh``) and two gener
 (``k:abh>hga``); the lm-eval tasks ask in the short format, so the base fails them.
 
 The eval splits come from a fixed seed, independent of the zoo seed, and their inputs are
-never used for training: the committed ``tasks/data/*.jsonl`` files are
+never used for training: the committed ``evomerge/tasks/data/*.jsonl`` files are
 ``write_task_data(...)``'s output, and a test checks they still match.
 """
 
@@ -178,7 +178,7 @@ def render_jsonl(docs: list[dict[str, str]]) -> str:
 
 
 def write_task_data(data_dir: str | Path) -> list[Path]:
-    """Write every split's jsonl under ``data_dir`` (the repo's ``tasks/data``)."""
+    """Write every split's jsonl under ``data_dir`` (the shipped ``evomerge/tasks/data``)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -192,6 +192,8 @@ def write_task_data(data_dir: str | Path) -> list[Path]:
 if __name__ == "__main__":
     import sys
 
-    target = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "tasks" / "data"
+    from evomerge.tasks import TASK_DIR
+
+    target = sys.argv[1] if len(sys.argv) > 1 else TASK_DIR / "data"
     for p in write_task_data(target):
         print(p)

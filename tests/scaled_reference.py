@@ -1,10 +1,9 @@
-"""Run a routing path over layers already in memory, without copying them.
+"""The unfolded reference of a routing path: each slot's block runs on its input times w_k.
 
-A search scores many DFS candidates over the same resident source layers, so
-instead of folding each candidate into new weights we build a view: the shell
-model's embeddings, final norm and head, with its block list replaced by the
-path's layers, each wrapped to scale its input. Shallow copies keep the shell
-itself untouched. This is also the unfolded reference the fold is tested against.
+This is Akiba et al.'s data-flow semantics. Its fold (what export writes and workers
+score) equals it only while the norms' epsilon is negligible against mean(x^2); the
+tests use it to show both the agreement at O(1) scales and the disagreement at
+realistic ones. Shallow copies keep the shell model untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ class ScaledInput(nn.Module):
         super().__init__()
         self.layer = layer
         self.scale = scale
+        # models that pick each block's mask by its attention kind (Qwen2 in transformers < 5.18) read it here
+        self.attention_type = getattr(layer, "attention_type", None)
 
     def forward(self, *args, **kwargs):
         if "hidden_states" in kwargs:
@@ -63,8 +64,3 @@ def routed_view(shell: nn.Module, layer_attr: str, layers: Sequence[tuple[nn.Mod
         node = child
     node._modules[last] = nn.ModuleList(ScaledInput(layer, scale) for layer, scale in layers)
     return view
-
-
-@torch.no_grad()
-def unfolded_logits(view: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return view(input_ids=input_ids, use_cache=False).logits
