@@ -50,6 +50,9 @@ def main() -> None:
 
     set_offline_env()
     set_quiet_env()
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     from transformers import AutoModelForCausalLM
 
     from evomerge.fitness.evaluator import Evaluator

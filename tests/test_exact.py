@@ -147,3 +147,44 @@ def test_search_fitness_equals_eval_of_its_export(real_zoo, tmp_path, capsys, sp
     if space != "ps":
         slots = yaml.safe_load((run / "best.yaml").read_text())["routing"]["slots"]
         assert any(s.get("scale", 1.0) != 1.0 for s in slots)  # the scales were really folded
+
+
+def test_decoded_paths_keep_the_cumulative_scale_within_bounds(tiny_zoo, tmp_path):
+    """Scales up to 2 over a long path would compound far past what folds safely; the codec
+    holds every c_k in [1/max_cumulative_scale, max_cumulative_scale] and the plan accepts it."""
+    import numpy as np
+
+    from evomerge.merge.materialize import plan
+    from evomerge.merge.to_disk import open_sources
+    from evomerge.run.search import build_space
+    from evomerge.space.config import load_search_config
+
+    cfg = load_search_config(search_config(tiny_zoo, tmp_path / "c.yaml", ps=None,
+                                           dfs={"repeats": 3, "scale_bounds": [0.5, 2.0], "max_cumulative_scale": 3.0}))
+    space = build_space(cfg)
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(20):
+        x = rng.random(space.dim)
+        x[space.dfs_offset:space.dfs_offset + len(space.slots)] = 0.9  # every slot on: the longest path
+        recipe = space.decode(x)
+        c, worst = 1.0, 1.0
+        for slot in recipe.routing.slots:
+            c *= slot.scale
+            worst = max(worst, c, 1 / c)
+        seen.append(worst)
+        plan(recipe, open_sources(recipe))
+    assert max(seen) <= 3.0 * (1 + 1e-4) and max(seen) > 2.5  # the bound was reached, and held
+
+
+def test_a_recipe_whose_scales_compound_too_far_is_refused(tiny_zoo, tmp_path, capsys):
+    from conftest import write_yaml
+
+    base = str(tiny_zoo / "base")
+    recipe = write_yaml(tmp_path / "r.yaml", {"base_model": base, "routing": {"slots": [
+        {"source": base, "layer": 0, "scale": 5.0}, {"source": base, "layer": 1, "scale": 4.0}]}})
+    capsys.readouterr()
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "routing slot 1" in err[0] and "16" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -282,3 +282,68 @@ def test_a_model_twice_in_one_slice_is_refused_like_mergekit(models, mergekit_ya
     assert evomerge_cli(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "listed twice" in err, err
+
+
+# --- the real checkpoint ------------------------------------------------------------------
+
+
+def smollm2_recipes(fam: dict) -> dict[str, dict]:
+    """mergekit recipes on SmolLM2 (bf16 on disk, tied head, GQA, 30 layers). ``dtype: float32``
+    reads the bf16 weights exactly and keeps float32 out: both tools must agree bit for bit."""
+    base, a, b = (str(fam[k]) for k in ("base", "ft_all", "ft_mlp"))
+    fp32 = {"dtype": "float32"}
+    return {
+        "linear_gradient": {"merge_method": "linear", "models": [
+            {"model": a, "parameters": {"weight": [1.0, 0.2, 0.6]}}, {"model": b, "parameters": {"weight": 0.5}}], **fp32},
+        "task_arithmetic_filters": {"merge_method": "task_arithmetic", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": [{"filter": "self_attn", "value": 0.8}, {"value": 0.3}]}},
+            {"model": b, "parameters": {"weight": [0.2, 1.0]}}], "parameters": {"lambda": 1.2}, **fp32},
+        # density 1: sign election and the disjoint mean, no trim (trimming: the test below)
+        "ties_elect": {"merge_method": "ties", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": [1.0, 0.4], "density": 1.0}},
+            {"model": b, "parameters": {"weight": 0.6, "density": 1.0}}], **fp32},
+        "slerp_gradient": {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": a}],
+                           "parameters": {"t": [0.0, 0.5, 1.0]}, **fp32},
+        "passthrough_stack": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 20]}]},
+            {"sources": [{"model": a, "layer_range": [10, 30]}]}], **fp32},
+        "linear_bf16": {"merge_method": "linear", "models": [
+            {"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": 0.7}}]},
+    }
+
+
+def test_smollm2_equals_mergekit(smollm2_family, mergekit_yaml, tmp_path):
+    """Every tensor of merges of the real checkpoint, against mergekit's, equal."""
+    recipes = smollm2_recipes(smollm2_family)
+    mk = run_mergekit_many(recipes, tmp_path / "mk", exe=mergekit_yaml)
+    for name, recipe in recipes.items():
+        out = evomerge(recipe, tmp_path / name)
+        assert_equal_tensors(mk[name], out)
+        assert config(out)["tie_word_embeddings"] == config(mk[name])["tie_word_embeddings"] is True, name
+        assert config(out)["num_hidden_layers"] == config(mk[name])["num_hidden_layers"], name
+        (tmp_path / name / "model.safetensors").unlink()  # 0.5 GB a merge: keep the disk free
+
+
+def test_smollm2_ties_trim_differs_only_on_entries_tied_at_the_threshold(smollm2_family, mergekit_yaml, tmp_path):
+    """On real bf16 fine-tunes a TIES trim threshold is shared by many entries (|delta| takes few
+    values). mergekit keeps exactly k, the first k of an unstable torch.argsort (on a GPU it
+    sorts in another dtype and order, so its choice is not even one rule); evomerge keeps every
+    tied entry. The merges are equal everywhere else."""
+    base, a = smollm2_family["base"], smollm2_family["ft_all"]
+    recipe = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
+              "models": [{"model": str(a), "parameters": {"weight": 1.0, "density": 0.4}}]}
+    mk = weights(run_mergekit_many({"ties": recipe}, tmp_path / "mk", exe=mergekit_yaml)["ties"])
+    ev = weights(evomerge(recipe, tmp_path / "evo"))
+    same_layout(mk, ev)
+    b, src = weights(base), weights(a)
+    tied = 0
+    for n in mk:
+        delta = (src[n].float() - b[n].float()).abs().flatten()
+        k = max(1, int(0.4 * delta.numel()))
+        threshold = delta.kthvalue(delta.numel() - k + 1).values
+        differ = (mk[n] != ev[n]).flatten()
+        assert (delta[differ] == threshold).all(), f"{n}: entries off the threshold differ"
+        assert torch.equal(ev[n].flatten()[differ], src[n].float().flatten()[differ]), n  # evomerge kept them
+        assert int((mk[n].flatten() != b[n].float().flatten()).sum()) <= k, n  # mergekit kept at most k
+        tied += int(differ.sum())
+    assert tied > 0

@@ -21,6 +21,11 @@ class FastHFLM(HFLM):
         super().__init__(*args, **kwargs)
         self._pairs: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # lm-eval passes disable=False to its per-call "Tokenizing inputs" bar, which overrides
+        # TQDM_DISABLE; a search makes thousands of calls and shows its own progress
+        return super().loglikelihood(requests, disable_tqdm=True)
+
     def _encode_pair(self, context: str, continuation: str):
         key = (context, continuation)
         if key not in self._pairs:
