@@ -151,3 +151,21 @@ def mergekit_yaml():
         return ensure_mergekit()
     except MergekitUnavailable as e:
         pytest.fail(str(e), pytrace=False)
+
+
+def lm_eval_cli(model_args: str, tasks: list[str], out: Path, *extra: str) -> dict:
+    """The stock `lm_eval` CLI on the shipped tasks (offline, on the CPU): its ``results`` section."""
+    import json
+    import subprocess
+    import sys
+
+    from evomerge.fitness.evaluator import default_task_path
+
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--device", "cpu", *extra,
+           "--model_args", model_args, "--tasks", ",".join(tasks),
+           "--include_path", str(default_task_path()), "--output_path", str(out / "out")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (out / "out").rglob("results_*.json")
+    return json.loads(results_file.read_text())["results"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 from typing import Sequence
 
-import torch
 from torch import nn
+
+from evomerge.workers.routed import shallow
 
 
 class ScaledInput(nn.Module):
@@ -33,14 +34,6 @@ class ScaledInput(nn.Module):
         return self.layer(*args, **kwargs)
 
 
-def _shallow(module: nn.Module) -> nn.Module:
-    new = copy.copy(module)
-    new._modules = dict(module._modules)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    return new
-
-
 def routed_view(shell: nn.Module, layer_attr: str, layers: Sequence[tuple[nn.Module, float]],
                 layer_count_key: str, layer_types: list | None = None) -> nn.Module:
     """``shell`` with its blocks (at dotted path ``layer_attr``, e.g. 'model.layers') replaced by ``layers``.
@@ -52,12 +45,12 @@ def routed_view(shell: nn.Module, layer_attr: str, layers: Sequence[tuple[nn.Mod
     config.use_cache = False  # repeated blocks share layer_idx; no KV cache in scoring anyway
     if layer_types is not None:
         config.layer_types = list(layer_types)
-    view = _shallow(shell)
+    view = shallow(shell)
     view.config = config
     node = view
     *path, last = layer_attr.split(".")
     for name in path:
-        child = _shallow(getattr(node, name))
+        child = shallow(getattr(node, name))
         if hasattr(child, "config"):
             child.config = config
         node._modules[name] = child

@@ -19,6 +19,8 @@ from evomerge.fitness.evaluator import Evaluator, default_task_path
 from evomerge.fitness.terms import FitnessTerm, Result, parse_terms
 from evomerge.zoo.build import build_zoo
 
+from conftest import lm_eval_cli
+
 TASKS = ["mir_test", "srt_test"]
 
 
@@ -45,16 +47,7 @@ def assert_same_scores(a: Result, b: Result) -> None:
 
 def test_scores_equal_lm_eval_cli(tiny_zoo, evaluator, tmp_path):
     model_dir = tiny_zoo / "srt"
-    cmd = [
-        sys.executable, "-m", "lm_eval", "--model", "hf", "--device", "cpu",
-        "--model_args", f"pretrained={model_dir}", "--tasks", ",".join(TASKS),
-        "--include_path", str(default_task_path()), "--output_path", str(tmp_path / "out"),
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (results_file,) = (tmp_path / "out").rglob("results_*.json")
-    cli = json.loads(results_file.read_text())["results"]
+    cli = lm_eval_cli(f"pretrained={model_dir}", TASKS, tmp_path)
 
     ours = evaluator.score_dir(model_dir)
     for task in TASKS:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,10 +18,12 @@ from transformers import AutoTokenizer
 
 from evomerge.cli import main
 from evomerge.errors import UserError
-from evomerge.fitness.evaluator import Evaluator, default_task_path
+from evomerge.fitness.evaluator import Evaluator
 from evomerge.fitness.terms import parse_terms
 from evomerge.zoo import smollm2 as smol
 from evomerge.zoo.smollm2 import FINE_TUNES, MANIFEST, WHEEL_SHA256, ensure_smollm2, perturbed
+
+from conftest import lm_eval_cli
 
 TASKS = ["en_facts", "en_arith"]
 
@@ -54,16 +53,7 @@ def test_smollm2_is_a_plain_bf16_llama(smollm2):
 def test_eval_equals_lm_eval_cli(smollm2, tmp_path, capsys):
     # lm-eval loads the bf16 weights as float32, as `evomerge eval` computes on a CPU; both
     # with batches of 64, so that both pad the same rows together.
-    cmd = [
-        sys.executable, "-m", "lm_eval", "--model", "hf", "--device", "cpu", "--batch_size", "64",
-        "--model_args", f"pretrained={smollm2},dtype=float32", "--tasks", ",".join(TASKS),
-        "--include_path", str(default_task_path()), "--output_path", str(tmp_path / "out"),
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (results_file,) = (tmp_path / "out").rglob("results_*.json")
-    cli = json.loads(results_file.read_text())["results"]
+    cli = lm_eval_cli(f"pretrained={smollm2},dtype=float32", TASKS, tmp_path, "--batch_size", "64")
 
     capsys.readouterr()
     assert main(["eval", str(smollm2), "--tasks", ",".join(TASKS), "--batch-size", "64", "--json"]) == 0

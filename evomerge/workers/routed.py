@@ -79,13 +79,13 @@ def overlay(root: nn.Module, new: Mapping[str, torch.Tensor]) -> nn.Module:
         return root
     params = dict(root.named_parameters(remove_duplicate=False))
     by_id = {id(params[name]): t for name, t in new.items()}
-    copies: dict[str, nn.Module] = {"": _shallow(root)}
+    copies: dict[str, nn.Module] = {"": shallow(root)}
 
     def module_at(path: str) -> nn.Module:
         if path not in copies:
             parent, _, leaf = path.rpartition(".")
             node = module_at(parent)
-            copies[path] = node._modules[leaf] = _shallow(node._modules[leaf])
+            copies[path] = node._modules[leaf] = shallow(node._modules[leaf])
         return copies[path]
 
     for name, p in params.items():
@@ -95,7 +95,8 @@ def overlay(root: nn.Module, new: Mapping[str, torch.Tensor]) -> nn.Module:
     return copies[""]
 
 
-def _shallow(module: nn.Module) -> nn.Module:
+def shallow(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose child, parameter and buffer tables can be changed alone."""
     new = copy.copy(module)
     new._modules = dict(module._modules)
     new._parameters = dict(module._parameters)
@@ -110,12 +111,12 @@ def _with_blocks(shell: nn.Module, prefix: str, blocks: list[nn.Module], out_con
     config.use_cache = False  # repeated blocks share a layer_idx; scoring needs no KV cache
     if isinstance(out_config.get("layer_types"), list):
         config.layer_types = list(out_config["layer_types"])
-    view = _shallow(shell)
+    view = shallow(shell)
     view.config = config
     node = view
     *path, last = prefix.split(".")
     for name in path:
-        child = _shallow(node._modules[name])
+        child = shallow(node._modules[name])
         if hasattr(child, "config"):
             child.config = config
         node._modules[name] = child
