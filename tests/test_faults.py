@@ -21,7 +21,7 @@ from evomerge.cli import main
 from evomerge.errors import UserError
 from evomerge.run.rundir import RunDir
 
-from conftest import search_config, zoo_skills
+from conftest import search_config, write_yaml, zoo_skills
 
 
 def _copy_zoo(zoo: Path, out: Path) -> Path:
@@ -153,3 +153,23 @@ def test_compute_dtype_is_float32_on_cpu_for_bf16_sources(tiny_zoo, tmp_path):
     assert r.dtype(name) == torch.bfloat16 and r.get(name).dtype == torch.float32
     assert torch.equal(r.get(name), load_file(tmp_path / "bf16" / "model.safetensors")[name].float())
     assert ResidentModel(str(tmp_path / "bf16"), compute="bfloat16").get(name).dtype == torch.bfloat16
+
+
+def test_a_plan_every_candidate_shares_fails_before_anything_starts(family, tmp_path, capsys):
+    """A tied base with a fine-tune that has its own head is refused by the planner; a search
+    over them says so up front, one line, before a worker starts or the run dir exists."""
+    from transformers import AutoModelForCausalLM
+
+    f = family["llama"]
+    model = AutoModelForCausalLM.from_pretrained(f["base"])
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "tied_base")
+    shutil.copy(f["base"] / "tokenizer.json", tmp_path / "tied_base" / "tokenizer.json")
+    cfg = write_yaml(tmp_path / "c.yaml", {
+        "base_model": str(tmp_path / "tied_base"), "models": [str(f["a"]), str(f["b"])],
+        "ps": {"method": "task_arithmetic"}, "fitness": {"tasks": [{"task": "mir_search"}]}, "workers": {"count": 2}})
+    capsys.readouterr()
+    assert main(["search", str(cfg), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "ties its output head" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()

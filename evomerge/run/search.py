@@ -63,6 +63,16 @@ def build_space(cfg: SearchConfig) -> SearchSpace:
     return SearchSpace(cfg, {ref: d.arch.num_layers for ref, d in dirs.items()})
 
 
+def check_plan(space: SearchSpace) -> None:
+    """Plan the starting recipe over the sources' headers: what every candidate shares (tied
+    heads, shapes, dtypes, the routed layout) fails here, before a worker starts or a file is written."""
+    from ..merge.materialize import plan
+    from ..merge.to_disk import open_sources
+
+    recipe = space.decode(space.default_x0())
+    plan(recipe, open_sources(recipe))
+
+
 def check_tasks(cfg: SearchConfig) -> None:
     """Load the fitness tasks once here, so a bad task name fails before any worker starts."""
     from ..fitness.evaluator import Evaluator
@@ -80,7 +90,7 @@ def start(config_path: str, run_dir: str | None, overrides: Overrides, progress:
     rd = RunDir(run_dir or Path("runs") / name)
     if rd.path.exists() and any(rd.path.iterdir()):
         raise UserError(f"run directory {rd.path} already exists; resume it with `evomerge resume {rd.path}` or pass another --run-dir")
-    build_space(cfg)
+    check_plan(build_space(cfg))
     check_tasks(cfg)
     pool = _make_pool(cfg, overrides.ray_address)  # GPUs and CPUs are checked before anything is written
     try:
