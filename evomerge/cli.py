@@ -48,10 +48,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_zoo(args) -> int:
-    from .zoo.build import DEFAULT_DIR, build_zoo
+    from .zoo.build import DEFAULT_DIR, build_zoo, check_reference
 
     out = build_zoo(args.out_dir or DEFAULT_DIR, seed=args.seed, preset=args.preset, progress=not args.quiet,
                     threads=args.threads)
+    warning = check_reference(out)
+    if warning:
+        print(f"evomerge: warning: {warning}", file=sys.stderr)
     print(f"zoo ready in {out}")
     return 0
 
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--preset", default="default", help="default, or tiny (seconds; for tests)")
     z.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default 1: steady when other jobs share the machine; 2 is faster on an idle 2-core one)")
+                   help="torch threads (default 2); part of what the zoo is: another count is another (equally reproducible) family")
     z.add_argument("--quiet", action="store_true")
     z.set_defaults(func=cmd_zoo)
     z = zsub.add_parser("smollm2", help="the real SmolLM2-135M-Instruct (from its PyPI wheel, converted once) and seeded bf16 fine-tunes")

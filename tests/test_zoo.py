@@ -138,3 +138,32 @@ def test_manifest_is_json_with_settings(tiny_zoo):
     manifest = json.loads((tiny_zoo / MANIFEST).read_text())
     assert manifest["settings"]["preset"] == "tiny"
     assert manifest["build_s"] >= 0
+
+
+def test_builds_run_pinned_and_the_thread_count_changes_no_bit(tiny_zoo, tmp_path):
+    """The build's child runs torch's AVX2 kernels on any AVX2 CPU (AVX-512 ones included), and
+    one or two threads give the same weights, so every machine builds the same family."""
+    from evomerge.zoo.build import pinnable, read_manifest, weights_digest
+
+    manifest = read_manifest(tiny_zoo)
+    if pinnable():
+        assert manifest["cpu_capability"] == "AVX2"
+    other = build_zoo(tmp_path / "one_thread", preset="tiny", progress=False, threads=1)
+    assert read_manifest(other)["weights_sha256"] == manifest["weights_sha256"] == weights_digest(tiny_zoo, manifest)
+
+
+def test_a_zoo_that_is_not_the_reference_family_is_told(tiny_zoo, tmp_path):
+    import json
+    import shutil
+
+    from evomerge.zoo.build import REFERENCE_WEIGHTS, check_reference
+
+    zoo = Path(shutil.copytree(tiny_zoo, tmp_path / "zoo"))
+    assert check_reference(zoo) is None  # no reference for the tiny preset
+    m = json.loads((zoo / "zoo.json").read_text())
+    m["settings"]["preset"], m["settings"]["seed"] = "default", 0
+    (zoo / "zoo.json").write_text(json.dumps(m))
+    assert "differ from the reference family" in check_reference(zoo)
+    m["weights_sha256"] = REFERENCE_WEIGHTS[("default", 0)]
+    (zoo / "zoo.json").write_text(json.dumps(m))
+    assert check_reference(zoo) is None

@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +31,7 @@ from evomerge.zoo.data import BASE_MIXTURE, SKILLS, specialist_mixture
 from evomerge.zoo.tokenizer import build_tokenizer
 from evomerge.zoo.train import ModelShape, Schedule, init_model, make_config, torch_threads, train
 
-ZOO_FORMAT = 1  # bump when the data or training code changes what a setting produces
+ZOO_FORMAT = 2  # bump when the data or training code changes what a setting produces
 MANIFEST = "zoo.json"
 DEFAULT_DIR = Path("runs/zoo")
 
@@ -45,16 +47,30 @@ class ZooSettings:
     skills: tuple[str, ...]
     checkpoint_skill: str
     checkpoint_steps: tuple[int, ...]
-    # One thread: on an idle 2-core machine two threads make a default step 1.6x faster
-    # (49 vs 78 ms), but when anything else runs they spin-wait for each other and a step
-    # gets 10-30x slower (tiny preset: 8 s vs 114 s; default: 1.5 s per step).
-    threads: int | None = 1
+    # Two threads make a default step ~1.3x faster than one on an idle 2-core machine (72 vs
+    # 95 ms); on a busy one they spin against each other, so use 1 there. Under PINNED_ENV the
+    # count does not change a bit of the result (measured: same weights after 40 default steps
+    # with 1 and 2 threads, same tiny zoo), so it is not part of what the zoo is.
+    # OMP_WAIT_POLICY=PASSIVE would stop the spinning but cost 57 % (115 ms a step) when idle.
+    threads: int = 2
 
     def digest(self) -> str:
-        """Hash of what the zoo is; the thread count only changes float rounding, so it is left out."""
+        """Hash of what the zoo is; the thread count is left out (see above)."""
         recipe = {k: v for k, v in asdict(self).items() if k != "threads"}
         blob = json.dumps({"format": ZOO_FORMAT, **recipe}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# The same zoo, bit for bit, on every x86-64 CPU with AVX2: torch's own kernels and MKL's
+# pinned to their AVX2 code paths (on an AVX-512 CPU, torch would otherwise pick AVX-512
+# kernels, whose sums round differently, and a family trained there is another family:
+# the toy results a README reports would hold on one machine only). Read once, when torch
+# and MKL load, so a build runs in a child process started with them.
+PINNED_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2,STRICT",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
 
 
 # The specialists fine-tune with SGD, not AdamW: AdamW moves every weight by about lr per
@@ -127,6 +143,8 @@ def build_zoo(
     """
     settings = zoo_settings(preset, seed)
     if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
         settings = replace(settings, threads=threads)
     digest = settings.digest()
     out = Path(out_dir)
@@ -134,6 +152,8 @@ def build_zoo(
         return out
     if out.exists() and any(out.iterdir()) and read_manifest(out) is None:
         raise UserError(f"{out} exists and is not a zoo (no {MANIFEST}); pass an empty or new directory")
+    if not _in_build_env():
+        return _build_in_child(out, seed, preset, settings.threads, progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -142,10 +162,77 @@ def build_zoo(
         with torch_threads(settings.threads):
             manifest = _train_all(settings, tmp, progress)
         manifest["hash"] = digest
+        manifest["cpu_capability"] = torch_capability()  # AVX2 when pinned, whatever the CPU
+        manifest["weights_sha256"] = weights_digest(tmp, manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def torch_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def weights_digest(zoo: Path, manifest: dict) -> str:
+    """sha256 over every model file of the zoo, in manifest order: the family, bit for bit."""
+    h = hashlib.sha256()
+    dirs = list(manifest["models"].values()) + [d for ds in manifest["checkpoints"].values() for d in ds]
+    for d in dirs:
+        h.update((Path(zoo) / d / "model.safetensors").read_bytes())
+    return h.hexdigest()
+
+
+# The default family that bench/RESULTS.md and the README report (built 2026-12-01, pinned, on
+# an AVX-512 AMD EPYC; the same numbers were reported from an EPYC without AVX-512).
+REFERENCE_WEIGHTS = {("default", 0): "9677c870e06298c463a55b4b509e7572fb32fde81a34d1a8de67071499a9297d"}
+
+
+def check_reference(zoo: Path) -> str | None:
+    """A warning when ``zoo`` is a preset and seed with a reference family and its bits differ."""
+    m = read_manifest(zoo) or {}
+    s = m.get("settings", {})
+    want = REFERENCE_WEIGHTS.get((s.get("preset"), s.get("seed")))
+    if want is None or m.get("weights_sha256") == want:
+        return None
+    return (f"this zoo's weights differ from the reference family (sha256 {m.get('weights_sha256', '?')[:12]} vs "
+            f"{want[:12]}): the toy results the README reports will not hold here; please report your CPU and torch version")
+
+
+_UNPINNED = "EVOMERGE_ZOO_UNPINNED"  # set for the child on a CPU without AVX2
+
+
+def _in_build_env() -> bool:
+    """Whether this process was started with the build's environment (torch reads it at load)."""
+    return all(os.environ.get(k) == v for k, v in PINNED_ENV.items()) or os.environ.get(_UNPINNED) == "1"
+
+
+def pinnable() -> bool:
+    """Whether this CPU runs the pinned (AVX2) code paths: x86-64 with AVX2 and FMA."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= set(flags.split(":", 1)[1].split())
+
+
+def _build_in_child(out: Path, seed: int, preset: str, threads: int, progress: bool) -> Path:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if pinnable():
+        env.update(PINNED_ENV)
+    else:
+        print("evomerge: warning: this CPU has no AVX2, so this zoo will not be bit-identical to other machines' "
+              "(the README's toy results may not hold here)", file=sys.stderr)
+        env[_UNPINNED] = "1"
+    cmd = [sys.executable, "-m", "evomerge.zoo.build", str(out), "--seed", str(seed), "--preset", preset,
+           "--threads", str(threads)] + ([] if progress else ["--quiet"])
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        said = (done.stderr or "").strip().splitlines()
+        raise UserError(f"zoo build failed: {said[-1] if said else f'exit code {done.returncode}'}")
     return out
 
 
@@ -212,3 +299,26 @@ def _train_all(settings: ZooSettings, root: Path, progress: bool) -> dict:
         "final_loss": {k: float(np.mean(v[-50:])) for k, v in losses.items()},
         "build_s": round(time.perf_counter() - started, 1),
     }
+
+
+def _main() -> None:
+    """The build's child process (see PINNED_ENV): same arguments as `evomerge zoo build`."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    if not _in_build_env():
+        raise SystemExit("run `evomerge zoo build`, which starts this with the pinned environment")
+    try:
+        build_zoo(args.out_dir, seed=args.seed, preset=args.preset, progress=not args.quiet, threads=args.threads)
+    except UserError as e:
+        raise SystemExit(f"evomerge: error: {e}") from None
+
+
+if __name__ == "__main__":
+    _main()

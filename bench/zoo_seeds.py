@@ -1,0 +1,127 @@
+"""The zoo on several seeds: does every seed's family hold the bars the toy search relies on?
+
+    python bench/zoo_seeds.py [--seeds 0 1 2 3 4] [--root runs/zoo_seeds] [--jobs 1]
+
+Builds (or finds cached) `evomerge zoo build ROOT/seedN --seed N` for each seed, scores every
+source, the uniform merge and the hand-merge grid (docs/hand_merges/*.yaml, pointed at that
+seed's zoo) on the test splits, and prints one row per seed and the spread. The bars
+(issue: a proof that reproduces): every specialist >= 0.90 on its own skill and <= 0.50 on
+another; no source averages above 0.60; the best hand merge >= 0.85; the uniform merge < 0.50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HAND = REPO / "docs" / "hand_merges"
+ZOO_IN_RECIPES = "../../runs/zoo"  # how the shipped hand merges name the default zoo
+
+
+def hand_grid(zoo: Path) -> dict[str, dict]:
+    """The shipped hand merges, their model paths pointed at ``zoo``."""
+    import yaml
+
+    grid = {}
+    for path in sorted(HAND.glob("*.yaml")):
+        text = path.read_text().replace(ZOO_IN_RECIPES, str(zoo))
+        grid[path.stem] = yaml.safe_load(text)
+    return grid
+
+
+def score_zoo(zoo: Path) -> dict:
+    """Test-split exact match per skill of each source, the uniform merge and each hand merge."""
+    import logging
+
+    from evomerge.fitness.env import set_offline_env, set_quiet_env
+
+    set_offline_env()
+    set_quiet_env()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.fitness.terms import FitnessTerm
+    from evomerge.merge.to_disk import merge_to_disk
+    from evomerge.recipe import parse_recipe
+    from evomerge.zoo.build import read_manifest
+
+    skills = [m for m in read_manifest(zoo)["models"] if m != "base"]
+    evaluator = Evaluator([FitnessTerm(f"{s}_test", "acc") for s in skills])
+
+    def scores(model_dir: Path) -> dict[str, float]:
+        got = evaluator.score_dir(model_dir).scores
+        return {s: got[f"{s}_test"]["acc"] for s in skills}
+
+    rows = {name: scores(zoo / name) for name in ["base", *skills]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, recipe in hand_grid(zoo).items():
+            merge_to_disk(parse_recipe(recipe), Path(tmp) / name, progress=False)
+            rows[name] = scores(Path(tmp) / name)
+    return {"skills": skills, "rows": rows}
+
+
+def summary(result: dict) -> dict:
+    skills, rows = result["skills"], result["rows"]
+    mean = {name: statistics.fmean(r.values()) for name, r in rows.items()}
+    hands = {n: m for n, m in mean.items() if n not in ["base", *skills, "uniform"]}
+    best_hand = max(hands, key=hands.get)
+    own = min(rows[s][s] for s in skills)
+    other = max(rows[s][t] for s in skills for t in skills if t != s)
+    out = {
+        "own_min": own, "other_max": other,
+        "source_mean_max": max(mean[n] for n in ["base", *skills]),
+        "uniform": mean["uniform"], "best_hand": mean[best_hand], "best_hand_name": best_hand,
+    }
+    out["holds"] = (own >= 0.90 and min(min(rows[s][t] for t in skills if t != s) for s in skills) <= 0.50
+                    and out["source_mean_max"] <= 0.60 and out["best_hand"] >= 0.85 and out["uniform"] < 0.50)
+    return out
+
+
+def build(seeds: list[int], root: Path, jobs: int, threads: int | None) -> dict[int, float]:
+    """`evomerge zoo build` per seed, ``jobs`` at a time; returns each build's wall seconds."""
+    pending, running, took = list(seeds), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            cmd = [sys.executable, "-m", "evomerge.cli", "zoo", "build", str(root / f"seed{seed}"), "--seed", str(seed), "--quiet"]
+            cmd += ["--threads", str(threads)] if threads else []
+            running[seed] = (subprocess.Popen(cmd), time.perf_counter())
+        for seed, (proc, t0) in list(running.items()):
+            if proc.poll() is not None:
+                if proc.returncode != 0:
+                    raise SystemExit(f"zoo build --seed {seed} failed ({proc.returncode})")
+                took[seed] = time.perf_counter() - t0
+                del running[seed]
+        time.sleep(0.5)
+    return took
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--root", type=Path, default=REPO / "runs" / "zoo_seeds")
+    ap.add_argument("--jobs", type=int, default=1, help="builds at a time (timings are per build)")
+    ap.add_argument("--threads", type=int, default=None, help="per build (default: the zoo's 2; use 1 with --jobs 2)")
+    args = ap.parse_args()
+    took = build(args.seeds, args.root, args.jobs, args.threads)
+    print("| seed | specialist own (min) | specialist other (max) | best source mean | uniform | best hand merge | holds | build |")
+    print("|---|---|---|---|---|---|---|---|")
+    sums = []
+    for seed in args.seeds:
+        s = summary(score_zoo(args.root / f"seed{seed}"))
+        sums.append(s)
+        print(f"| {seed} | {s['own_min']:.3f} | {s['other_max']:.3f} | {s['source_mean_max']:.3f} | {s['uniform']:.3f} | "
+              f"{s['best_hand']:.3f} ({s['best_hand_name']}) | {'yes' if s['holds'] else 'NO'} | {took[seed]:.0f} s |")
+    for key in ("own_min", "other_max", "source_mean_max", "uniform", "best_hand"):
+        vals = [s[key] for s in sums]
+        print(f"{key}: min {min(vals):.3f}, median {statistics.median(vals):.3f}, max {max(vals):.3f}")
+    print(f"seeds holding every bar: {sum(s['holds'] for s in sums)} of {len(sums)}")
+
+
+if __name__ == "__main__":
+    main()

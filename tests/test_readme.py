@@ -1,0 +1,36 @@
+"""The README's toy-zoo table is what the commands it names print, on this machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from readme_results import compare, readme_block  # noqa: E402
+
+
+def test_compare_finds_a_changed_cell_and_a_changed_row():
+    block = readme_block((REPO / "README.md").read_text())
+    assert compare(block, block) is None
+    first = next(line for line in block.splitlines() if line.startswith("| base |"))
+    cells = first.split("|")
+    cells[4] = f" {float(cells[4]) + 0.03:.3f} "
+    assert "base / srt" in compare(block, block.replace(first, "|".join(cells)))
+    assert "rows differ" in compare(block, block.replace("| base |", "| based |"))
+
+
+@pytest.mark.slow
+def test_readme_results_reproduce():
+    """Builds the default zoo (cached beside SmolLM2 across runs), scores the sources and hand
+    merges and runs the shipped toy searches: ~10 min on 2 cores the first time."""
+    from evomerge.zoo.smollm2 import cache_root
+
+    zoo = cache_root() / "zoo-default"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "readme_results.py"), "--zoo", str(zoo),
+                           "--check", str(REPO / "README.md")], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, (done.stderr.strip().splitlines() or ["no output"])[-1] + "\n" + done.stdout[-3000:]
