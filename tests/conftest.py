@@ -169,3 +169,30 @@ def lm_eval_cli(model_args: str, tasks: list[str], out: Path, *extra: str) -> di
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = (out / "out").rglob("results_*.json")
     return json.loads(results_file.read_text())["results"]
+
+
+class Ran:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args: str, env: dict | None = None) -> Ran:
+    """`evomerge ARGS` in this process (no interpreter start-up per call): its exit code and output."""
+    import contextlib
+    import io
+
+    from evomerge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Ran(code, out.getvalue(), err.getvalue())

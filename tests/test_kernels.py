@@ -20,7 +20,26 @@ def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tor
 
 
 def run(name: str, tensors, base, model_params, params=None, seed: int = 0) -> torch.Tensor:
-    return get_kernel(name).fn(tensors, base, model_params, params or {}, seed)
+    return get_kernel(name).fn(tensors, base, model_params, params or {}, seed, stats=stats_for(name, tensors))
+
+
+def stats_for(name: str, tensors) -> list:
+    """What a data-dependent kernel reads beside each tensor: a positive Fisher, a Gram
+    (a positive definite [in, in] matrix for a 2-d weight)."""
+    kind = get_kernel(name).stats
+    gen = torch.Generator().manual_seed(7)
+    if kind == "fisher":
+        return [torch.rand(t.shape, generator=gen) + 0.1 for t in tensors]
+    if kind == "gram":
+        out = []
+        for t in tensors:
+            x = torch.randn(4 * t.shape[-1], t.shape[-1], generator=gen, dtype=torch.float64)
+            out.append(x.T @ x if t.dim() == 2 else None)
+        return out
+    return []
+
+
+PER_TENSOR_KERNELS = [name for name, k in KERNELS.items() if not k.whole_model]
 
 
 def declared_only(name: str, model_params: list[dict]) -> list[dict]:
@@ -122,7 +141,7 @@ def test_task_vector_presets_match_argsort_reference(name, normalize):
 # --- every kernel ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("name", PER_TENSOR_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_identical_inputs_give_the_input(name, dtype):
     x = randn(16, 8, dtype=dtype)
@@ -513,7 +532,7 @@ def test_defaults_follow_mergekit_presets():
     assert [name for name, k in KERNELS.items() if k.random] == ["dare_linear", "dare_ties"]
     for kernel in KERNELS.values():
         for spec in kernel.params:
-            assert spec.tunable == (spec.name in {"weight", "density", "t", "lambda", "gamma"})
+            assert spec.tunable == (spec.name in {"weight", "density", "t", "lambda", "gamma", "alpha"})
             assert not spec.tunable or spec.low < spec.high
 
 

@@ -30,9 +30,17 @@ class Merge:
     # return their result in the dtype they computed in, and only then is it cast to
     # ``out_dtype``, so the result passes through this dtype on the way. None: straight.
     rounds_to: torch.dtype | None = None
+    # A data-dependent kernel's statistic per input (fisher, regmean), read like a tensor
+    # from the source ``stats_ref(kind, model)``; None where that input has none.
+    stats: tuple[Read | None, ...] = ()
 
 
 Expr = Union[Read, Merge]
+
+
+def stats_ref(kind: str, model: str) -> str:
+    """The source name under which a model's statistic of ``kind`` is opened."""
+    return f"{kind}:{model}"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from evomerge.errors import UserError, nearest
-from evomerge.merge import linear, passthrough, slerp, sparsify, task_vector
+from evomerge.merge import fisher, linear, passthrough, regmean, slerp, sparsify, task_vector
 from evomerge.merge.task_vector import SORTED_ABS
 
 
@@ -41,7 +41,11 @@ class Kernel:
     params: tuple[ParamSpec, ...]
     uses_base: bool  # task-vector methods and slerp need a base_model; linear does not
     random: bool  # True for dare_* (the seed changes the result)
-    fn: Callable[..., Tensor]  # fn(tensors, base, model_params, params, seed=0) -> float32 Tensor
+    fn: Callable[..., Tensor]  # fn(tensors, base, model_params, params, seed=0, stats=()) -> float32 Tensor
+    # Data-dependent kernels: the statistic each source brings ("fisher" or "gram"), read per
+    # tensor like a source's own tensors (evomerge/merge/prepare.py); None for the others.
+    stats: str | None = None
+    whole_model: bool = False  # merges whole models at once (zipit); planned by prepare.py, never per tensor
 
 
 WEIGHT = ParamSpec("weight", per_model=True, default=None, low=0.0, high=1.0, tunable=True)
@@ -49,11 +53,13 @@ DENSITY = ParamSpec("density", per_model=True, default=1.0, low=0.1, high=1.0, t
 GAMMA = ParamSpec("gamma", per_model=True, default=0.01, low=0.0, high=0.1, tunable=True)
 LAMBDA = ParamSpec("lambda", per_model=False, default=1.0, low=0.5, high=1.5, tunable=True)
 T = ParamSpec("t", per_model=False, default=None, low=0.0, high=1.0, tunable=True)
+WEIGHT_1 = ParamSpec("weight", per_model=True, default=1.0, low=0.0, high=1.0, tunable=True)  # optional, equal by default
 # Accepted so that mergekit recipes load; boolean masks here make it irrelevant.
 INT8_MASK = ParamSpec("int8_mask", per_model=False, default=False)
 
 # Valid ranges beyond "a finite number": (low, high, low inclusive, high inclusive).
-_RANGES = {"density": (0.0, 1.0, False, True), "gamma": (0.0, 1.0, True, False)}
+_RANGES = {"density": (0.0, 1.0, False, True), "gamma": (0.0, 1.0, True, False), "alpha": (0.0, 1.0, True, True),
+           "ratio": (0.0, 1.0, True, True), "beta": (0.0, 1.0, True, True), "floor": (0.0, math.inf, False, False)}
 # Kernels whose keep rule ranks |delta|: a caller may pass each source's sorted_abs.
 _RANKS_MAGNITUDES = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
 
@@ -67,7 +73,8 @@ def _rescale(default: str) -> ParamSpec:
 
 
 def _declare(
-    name: str, specs: tuple[ParamSpec, ...], uses_base: bool, random: bool, impl: Callable[..., Tensor]
+    name: str, specs: tuple[ParamSpec, ...], uses_base: bool, random: bool, impl: Callable[..., Tensor],
+    stats: str | None = None, whole_model: bool = False,
 ) -> Kernel:
     """A kernel whose ``fn`` fills defaults and checks its inputs before ``impl`` runs."""
 
@@ -77,13 +84,37 @@ def _declare(
         model_params: Sequence[Mapping[str, Any]],
         params: Mapping[str, Any],
         seed: int = 0,
+        stats: Sequence[Tensor | None] = (),
     ) -> Tensor:
-        filled_models, filled = with_defaults(kernel, model_params, params)
+        internal = {k: v for k, v in params.items() if k in _PLANNER_PARAMS}
+        filled_models, filled = with_defaults(kernel, model_params, {k: v for k, v in params.items() if k not in internal})
         _check_tensors(kernel, tensors, base, filled_models)
+        if kernel.stats:
+            return impl(tensors, base, filled_models, {**filled, **internal}, seed, stats)
         return impl(tensors, base, filled_models, filled, seed)
 
-    kernel = Kernel(name, specs, uses_base, random, fn)
+    kernel = Kernel(name, specs, uses_base, random, fn, stats, whole_model)
     return kernel
+
+
+# Facts the planner adds to a stats kernel's parameters, never written in a recipe.
+_PLANNER_PARAMS = frozenset({"conv1d"})
+
+
+def _fisher(tensors, base, models, params, seed, stats) -> Tensor:
+    return fisher.merge(tensors, stats, [m["weight"] for m in models], params["floor"])
+
+
+def _regmean(tensors, base, models, params, seed, stats) -> Tensor:
+    weights = [m["weight"] for m in models]
+    if all(g is not None for g in stats):
+        return regmean.merge(tensors, stats, params["alpha"], weights, conv1d=params.get("conv1d", False))
+    # no Gram (norms, biases, embeddings): the paper averages these
+    return linear.merge(tensors, None, [{"weight": w} for w in weights], {"normalize": True}, seed)
+
+
+def _whole_model(*_args, **_kwargs) -> Tensor:
+    raise AssertionError("a whole-model method is planned by evomerge.merge.prepare, never per tensor")
 
 
 def _task_vector(
@@ -117,6 +148,16 @@ KERNELS: dict[str, Kernel] = {
         _task_vector("dare_ties", "random", consensus=True, normalize=False, rescale="l1"),
         _task_vector("breadcrumbs", "magnitude_outliers", consensus=False, normalize=False, rescale="none"),
         _task_vector("breadcrumbs_ties", "magnitude_outliers", consensus=True, normalize=False, rescale="none"),
+        # Matena & Raffel 2022; each model's Fisher scaled to unit L2 norm (prepare.py)
+        _declare("fisher", (WEIGHT_1, ParamSpec("floor", per_model=False, default=fisher.DEFAULT_FLOOR)),
+                 uses_base=False, random=False, impl=_fisher, stats="fisher"),
+        # Jin et al. 2023
+        _declare("regmean", (WEIGHT_1, ParamSpec("alpha", per_model=False, default=regmean.DEFAULT_ALPHA, low=0.0, high=1.0, tunable=True)),
+                 uses_base=False, random=False, impl=_regmean, stats="gram"),
+        # Stoica et al. 2023: two models, MLP units zipped (evomerge/align/zipit.py)
+        _declare("zipit", (ParamSpec("ratio", per_model=False, default=1.0), ParamSpec("beta", per_model=False, default=0.125),
+                           ParamSpec("zip_layers", per_model=False, default=-1.0)),
+                 uses_base=False, random=False, impl=_whole_model, whole_model=True),
     )
 }
 

@@ -23,7 +23,7 @@ from ..errors import UserError, nearest
 from ..io.layers import Architecture
 from ..recipe import MERGE_SOURCE, InputSlice, OutputSlice, Recipe, evaluate_setting
 from .kernels import Kernel, get_kernel, with_defaults
-from .expr import Expr, Merge, Output, Read, is_pre_tensor, layer_rests, numel, rounds_to
+from .expr import Expr, Merge, Output, Read, is_pre_tensor, layer_rests, numel, rounds_to, stats_ref
 from .routing import fold, route
 from .tied import HEADS, head_names, tied_embedding
 
@@ -231,13 +231,15 @@ def _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_d
     load = DTYPES.get(recipe.dtype or "")
 
     base = None
-    inputs, model_params = [], []
+    inputs, model_params, stats = [], [], []
     for s, n, r, d in zip(sl.sources, in_names, reads, stored):
         read = Read(s.model, r, rounds_to(d, load))
         if kernel.uses_base and s.model == base_ref:
             base = read
             continue
         inputs.append(read)
+        if kernel.stats:
+            stats.append(_stats_read(kernel.stats, s.model, r, sources))
         model_params.append({p.name: v for p in kernel.params if p.per_model
                              if (v := _param_lookup(p.name, s, sl, recipe, n, t)) is not None})
     params = {p.name: v for p in kernel.params if not p.per_model
@@ -251,8 +253,28 @@ def _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_d
         raise UserError(f"{out_name}: {e}") from None
     # mergekit's kernels return `dtype`; only then is the result cast to out_dtype
     through = load if load is not None and load != dtype else None
-    expr = Merge(kernel.name, tuple(inputs), base, tuple(model_params), params, tensor_seed(seed, out_name), through)
+    if kernel.stats:
+        params = {**params, **_stats_params(kernel.stats, stats, sources)}
+    expr = Merge(kernel.name, tuple(inputs), base, tuple(model_params), params, tensor_seed(seed, out_name), through,
+                 tuple(stats))
     return Output(out_name, shape, dtype, expr)
+
+
+def _stats_read(kind: str, model: str, name: str, sources) -> Read | None:
+    ref = stats_ref(kind, model)
+    if ref not in sources:
+        raise UserError(f"merge method needs {kind} statistics of {model}; give the recipe a calibration: section "
+                        "(data: FILE.jsonl or task: NAME)")
+    return Read(ref, name) if name in sources[ref] else None
+
+
+def _stats_params(kind: str, stats: list, sources) -> dict:
+    """What the planner tells a stats kernel about a tensor's layout (GPT-2's Conv1D weights
+    are stored [in, out]: RegMean solves them without the transposes)."""
+    first = next((r for r in stats if r is not None), None)
+    if kind != "gram" or first is None:
+        return {}
+    return {"conv1d": sources[first.source].is_conv1d(first.name)}
 
 
 def compute(output: Output, get, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -278,5 +300,6 @@ def evaluate(expr: Expr, get, device) -> torch.Tensor:
     kernel = get_kernel(expr.kernel)
     tensors = [load(r, get, device) for r in expr.inputs]
     base = load(expr.base, get, device) if expr.base is not None else None
-    out = kernel.fn(tensors, base, expr.model_params, expr.params, seed=expr.seed)
+    stats = [None if r is None else get(r).to(device) for r in expr.stats]
+    out = kernel.fn(tensors, base, expr.model_params, expr.params, seed=expr.seed, stats=stats)
     return out.to(expr.rounds_to).float() if expr.rounds_to is not None else out

@@ -13,6 +13,7 @@ from ..io.safetensors_file import StreamingWriter, has_nonfinite
 from ..io.writer import atomic_dir, check_out_dir, copy_tokenizer, shard_layout, shard_names, write_json, write_text
 from ..recipe import MERGE_SOURCE, Recipe
 from .expr import Merge, Read
+from .prepare import prepare
 from .materialize import Plan, compute, plan
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -25,6 +26,19 @@ def resolve_model_path(ref: str, recipe_dir: Path | None) -> Path:
         return p
     alt = recipe_dir / p
     return alt if alt.is_dir() else p
+
+
+def with_data_paths(recipe: Recipe, recipe_dir: Path | None) -> Recipe:
+    """Calibration files found as model directories are: as given, else beside the recipe."""
+    def fix(cal):
+        if cal is None or not cal.data:
+            return cal
+        p = Path(cal.data).expanduser()
+        alt = recipe_dir / p if recipe_dir is not None and not p.is_absolute() else p
+        return cal if p.is_file() or not alt.is_file() else cal.model_copy(update={"data": str(alt)})
+
+    models = [m.model_copy(update={"calibration": fix(m.calibration)}) for m in recipe.models or []]
+    return recipe.model_copy(update={"calibration": fix(recipe.calibration), "models": models or recipe.models})
 
 
 def open_sources(recipe: Recipe, recipe_dir: Path | None = None) -> dict[str, ModelDir]:
@@ -41,7 +55,11 @@ def check_device(device: str) -> None:
 def describe(p: Plan, sources: dict[str, ModelDir]) -> str:
     gib = 2**30
     lines = [f"sources ({len(sources)}):"]
-    lines += [f"  {ref}: {s.arch.model_type}, {s.arch.num_layers} layers, {s.nbytes / gib:.2f} GiB" for ref, s in sources.items()]
+    for ref, s in sources.items():
+        if hasattr(s, "arch"):
+            lines.append(f"  {ref}: {s.arch.model_type}, {s.arch.num_layers} layers, {s.nbytes / gib:.2f} GiB")
+        else:  # a model's statistics for a data-dependent method (merge/prepare.py)
+            lines.append(f"  {ref}: {s.path}")
     merged = sum(1 for o in p.outputs if isinstance(o.expr, Merge) or o.expr == Read(MERGE_SOURCE, getattr(o.expr, "name", None)))
     lines.append(f"output: {len(p.outputs)} tensors ({merged} merged, {len(p.outputs) - merged} copied), {p.nbytes / gib:.2f} GiB")
     lines.append(f"peak memory estimate: {p.peak_bytes(sources) / gib:.2f} GiB working set beyond the interpreter (streamed per tensor)")
@@ -51,13 +69,16 @@ def describe(p: Plan, sources: dict[str, ModelDir]) -> str:
 
 def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | None = None, device: str = "cpu",
                   seed: int | None = None, force: bool = False, dry_run: bool = False,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> Plan:
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+                  extra_files: dict[str, str] | None = None) -> Plan:
+    """Write the recipe's result as an HF dir; ``extra_files`` (name -> text) are written
+    inside the same atomic directory (a soup's log, say), so they land with the weights."""
     out_dir = Path(out_dir)
     check_device(device)
     if not dry_run:
         check_out_dir(out_dir, force)
-    sources = open_sources(recipe, recipe_dir)
-    p = plan(recipe, sources, seed=seed)
+    planned, sources = prepare(with_data_paths(recipe, recipe_dir), open_sources(recipe, recipe_dir), device)
+    p = plan(planned, sources, seed=seed)
     if dry_run:
         print(describe(p, sources))
         return p
@@ -93,4 +114,6 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | Non
         write_json(tmp / "config.json", p.config)
         copy_tokenizer(tok_dir, tmp)
         write_text(tmp / "evomerge_recipe.yaml", recipe_yaml)
+        for name, text in (extra_files or {}).items():
+            write_text(tmp / name, text)
     return p

@@ -67,10 +67,13 @@ def check_plan(space: SearchSpace) -> None:
     """Plan the starting recipe over the sources' headers: what every candidate shares (tied
     heads, shapes, dtypes, the routed layout) fails here, before a worker starts or a file is written."""
     from ..merge.materialize import plan
+    from ..merge.prepare import prepare
     from ..merge.to_disk import open_sources
 
     recipe = space.decode(space.default_x0())
-    plan(recipe, open_sources(recipe))
+    # for a data-dependent method this computes the statistics, once, into the cache the
+    # workers then read
+    plan(*prepare(recipe, open_sources(recipe)))
 
 
 def check_tasks(cfg: SearchConfig) -> None:

@@ -55,6 +55,12 @@ class SearchSpace:
     def _init_ps(self, layer_counts: dict[str, int]) -> None:
         ps = self.cfg.ps
         kernel = get_kernel(ps.method)
+        if kernel.whole_model:
+            raise UserError(f"ps.method {ps.method!r} merges whole models, not layer by layer; "
+                            "try its settings with `evomerge merge` (parameters: ratio, beta, zip_layers)")
+        if kernel.stats and self.cfg.calibration is None and set(self.cfg.model_calibration) < set(self.cfg.models):
+            raise UserError(f"ps.method {ps.method!r} learns from data: add a calibration: section to the config "
+                            "(data: FILE.jsonl, or task: an lm-eval task whose documents to use)")
         tunable = {p.name: p for p in kernel.params if p.tunable}
         tune = ps.tune if ps.tune is not None else {n: None for n in tunable}
         layers = layer_counts[self.cfg.base_model or self.cfg.models[0]]
@@ -125,9 +131,20 @@ class SearchSpace:
             if self.cfg.ps is None:
                 data["base_model"] = self.cfg.base_model
         data["seed"] = self.cfg.optimizer.seed
+        if self.cfg.calibration is not None:
+            data["calibration"] = self.cfg.calibration.model_dump(exclude_defaults=True)
         if self.cfg.dtype:
             data["out_dtype"] = self.cfg.dtype
         return parse_recipe(data, where="decoded genome")
+
+    def _member(self, model: str, params: dict) -> dict:
+        entry = {"model": model}
+        if params:
+            entry["parameters"] = params
+        own = self.cfg.model_calibration.get(model)
+        if own is not None:
+            entry["calibration"] = own.model_dump(exclude_defaults=True)
+        return entry
 
     def _values(self, x: np.ndarray, start: int) -> list[float]:
         return [round(self.genes[start + g].value(x[start + g]), 6) for g in range(self.groups)]
@@ -155,7 +172,7 @@ class SearchSpace:
             else:
                 per_model[model][name] = setting
         data = {"merge_method": ps.method,
-                "models": [{"model": m, "parameters": per_model[m]} if per_model[m] else {"model": m} for m in self.members]}
+                "models": [self._member(m, per_model[m]) for m in self.members]}
         if self.cfg.base_model:
             data["base_model"] = self.cfg.base_model
         if global_params:

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from ..errors import UserError
-from ..recipe import COMPUTE_DTYPES, DTYPES, MERGE_SOURCE
+from ..recipe import COMPUTE_DTYPES, DTYPES, MERGE_SOURCE, Calibration
 from ..yaml_files import read_yaml, validate
 
 
@@ -148,6 +148,10 @@ class SearchConfig(_Frozen):
     test: list[TermConfig] = []  # scored once at the end (held-out splits); never seen by the search
     optimizer: OptimizerConfig = OptimizerConfig()
     workers: WorkersConfig = WorkersConfig()
+    calibration: Optional[Calibration] = None  # for data-dependent ps.method (fisher, regmean)
+    # a model's own calibration texts (model -> calibration), as the papers compute each
+    # model's statistics on its own task's data; the others use ``calibration``
+    model_calibration: dict[str, Calibration] = {}
 
     @field_validator("dtype")
     @classmethod
@@ -205,6 +209,16 @@ def parse_search_config(data: Any, base_dir: Path, where: str = "config") -> Sea
         if cfg.dfs.embeddings:
             dfs_update["embeddings"] = mapping.get(cfg.dfs.embeddings, _resolve(cfg.dfs.embeddings, base_dir))
         update["dfs"] = cfg.dfs.model_copy(update=dfs_update)
+    def resolved(cal: Calibration) -> Calibration:
+        return cal.model_copy(update={"data": _resolve(cal.data, base_dir)}) if cal.data else cal
+
+    if cfg.calibration is not None:
+        update["calibration"] = resolved(cfg.calibration)
+    if cfg.model_calibration:
+        unknown = [m for m in cfg.model_calibration if m not in mapping]
+        if unknown:
+            raise UserError(f"{where}: model_calibration names {unknown[0]!r}, which is not one of the models")
+        update["model_calibration"] = {mapping[m]: resolved(c) for m, c in cfg.model_calibration.items()}
     if cfg.fitness.task_path:
         update["fitness"] = cfg.fitness.model_copy(update={"task_path": _resolve(cfg.fitness.task_path, base_dir)})
     return cfg.model_copy(update=update)

@@ -20,7 +20,9 @@ set_offline_env()
 
 from ..errors import UserError  # noqa: E402
 from ..fitness.terms import FitnessTerm  # noqa: E402
+from ..merge.kernels import get_kernel  # noqa: E402
 from ..merge.materialize import compute, plan  # noqa: E402
+from ..merge.prepare import stats_sources  # noqa: E402
 from ..recipe import MERGE_SOURCE, Recipe, parse_recipe  # noqa: E402
 from ..space.config import SearchConfig  # noqa: E402
 from .resident import ResidentModel  # noqa: E402
@@ -59,6 +61,11 @@ class CandidateWorker:
         self.device = device
         compute_dtype = self.cfg.workers.compute_dtype
         self.sources = {ref: ResidentModel(ref, device, compute_dtype) for ref in self.cfg.model_refs()}
+        if self.cfg.ps is not None and get_kernel(self.cfg.ps.method).stats:
+            # statistics (Fisher, Grams) held resident beside the sources: read from the cache
+            # the driver filled before the workers started (run/search.py, check_plan)
+            self.sources.update(stats_sources(self.cfg.ps.method, self.cfg.models, self.sources, self.cfg.calibration,
+                                              device, self.cfg.model_calibration))
         home = self.cfg.base_model or self.cfg.models[0]
         self.tokenizer = AutoTokenizer.from_pretrained(home)
         self.compute_dtype = self.sources[home].compute_dtype

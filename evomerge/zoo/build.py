@@ -152,7 +152,7 @@ def build_zoo(
         return out
     if out.exists() and any(out.iterdir()) and read_manifest(out) is None:
         raise UserError(f"{out} exists and is not a zoo (no {MANIFEST}); pass an empty or new directory")
-    if not _in_build_env():
+    if not in_build_env():
         return _build_in_child(out, seed, preset, settings.threads, progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def build_zoo(
         manifest["cpu_capability"] = torch_capability()  # AVX2 when pinned, whatever the CPU
         manifest["weights_sha256"] = weights_digest(tmp, manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -205,7 +205,7 @@ def check_reference(zoo: Path) -> str | None:
 _UNPINNED = "EVOMERGE_ZOO_UNPINNED"  # set for the child on a CPU without AVX2
 
 
-def _in_build_env() -> bool:
+def in_build_env() -> bool:
     """Whether this process was started with the build's environment (torch reads it at load)."""
     return all(os.environ.get(k) == v for k, v in PINNED_ENV.items()) or os.environ.get(_UNPINNED) == "1"
 
@@ -220,6 +220,13 @@ def pinnable() -> bool:
 
 
 def _build_in_child(out: Path, seed: int, preset: str, threads: int, progress: bool) -> Path:
+    args = [str(out), "--seed", str(seed), "--preset", preset, "--threads", str(threads)]
+    return run_pinned("evomerge.zoo.build", args, threads, progress, out)
+
+
+def run_pinned(module: str, args: list[str], threads: int, progress: bool, out: Path) -> Path:
+    """Run ``python -m module args`` in a child started with PINNED_ENV (see there); the
+    child's last stderr line becomes the error when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if pinnable():
         env.update(PINNED_ENV)
@@ -227,8 +234,7 @@ def _build_in_child(out: Path, seed: int, preset: str, threads: int, progress: b
         print("evomerge: warning: this CPU has no AVX2, so this zoo will not be bit-identical to other machines' "
               "(the README's toy results may not hold here)", file=sys.stderr)
         env[_UNPINNED] = "1"
-    cmd = [sys.executable, "-m", "evomerge.zoo.build", str(out), "--seed", str(seed), "--preset", preset,
-           "--threads", str(threads)] + ([] if progress else ["--quiet"])
+    cmd = [sys.executable, "-m", module, *args] + ([] if progress else ["--quiet"])
     done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, text=True)
     if done.returncode != 0:
         said = (done.stderr or "").strip().splitlines()
@@ -236,7 +242,7 @@ def _build_in_child(out: Path, seed: int, preset: str, threads: int, progress: b
     return out
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     """Replace ``out`` (an older zoo, if any) by ``tmp`` with renames only."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
@@ -312,7 +318,7 @@ def _main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
-    if not _in_build_env():
+    if not in_build_env():
         raise SystemExit("run `evomerge zoo build`, which starts this with the pinned environment")
     try:
         build_zoo(args.out_dir, seed=args.seed, preset=args.preset, progress=not args.quiet, threads=args.threads)

@@ -92,6 +92,11 @@ def make_optimizer(model: LlamaForCausalLM, schedule: Schedule) -> torch.optim.O
     raise ValueError(f"unknown optimizer {schedule.optimizer!r}; use 'adamw' or 'sgd'")
 
 
+def constant_lr(step: int, schedule: Schedule) -> float:
+    """Warm-up, then constant: the schedule SWA averages the iterates of."""
+    return min(1.0, (step + 1) / schedule.warmup)
+
+
 def lr_factor(step: int, schedule: Schedule) -> float:
     if step < schedule.warmup:
         return (step + 1) / schedule.warmup
@@ -108,11 +113,15 @@ def train(
     desc: str,
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
+    lr_shape: Callable[[int, Schedule], float] | None = None,
 ) -> list[float]:
-    """Train in place; ``on_step(k)`` runs after the k-th step (1-based). Returns the losses."""
+    """Train in place; ``on_step(k)`` runs after the k-th step (1-based). Returns the losses.
+
+    ``lr_shape(step, schedule)``: the learning-rate factor (default: warm-up, cosine decay)."""
     model.train()
     opt = make_optimizer(model, schedule)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, schedule))
+    shape = lr_shape or lr_factor
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: shape(s, schedule))
     losses: list[float] = []
     bar = tqdm(range(1, schedule.steps + 1), desc=desc, disable=not progress)
     for step in bar:

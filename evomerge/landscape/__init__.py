@@ -1,0 +1,1 @@
+"""Loss landscapes between models: interpolation paths and their barriers."""
