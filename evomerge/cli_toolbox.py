@@ -15,11 +15,19 @@ def _evaluator(args):
     return Evaluator(parse_terms(args.tasks, metric=args.metric), args.task_path, args.limit, args.batch_size, args.device)
 
 
+def _check_dtype(dtype: str | None) -> None:
+    from .recipe import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
 def cmd_swa(args) -> int:
     from .averaging.swa import select_checkpoints, uniform_recipe
     from .io.writer import check_out_dir
     from .merge.to_disk import merge_to_disk
 
+    _check_dtype(args.dtype)
     check_out_dir(Path(args.out_dir), args.force)
     chosen = select_checkpoints(args.checkpoints, args.last, args.stride)
     merge_to_disk(uniform_recipe(chosen, args.dtype), args.out_dir, force=args.force, progress=not args.quiet)
@@ -34,6 +42,7 @@ def cmd_soup(args) -> int:
     from .merge.to_disk import merge_to_disk
 
     out = Path(args.out_dir)
+    _check_dtype(args.dtype)
     check_out_dir(out, args.force)
     models = [Path(m) for m in args.models]
     if len(models) < 2:
