@@ -88,9 +88,15 @@ def check_tasks(cfg: SearchConfig) -> None:
 
 
 def start(config_path: str, run_dir: str | None, overrides: Overrides, progress: bool = True) -> Path:
-    cfg = apply_overrides(load_search_config(config_path), overrides)
-    name = cfg.name or Path(config_path).stem
-    rd = RunDir(run_dir or Path("runs") / name)
+    return start_config(load_search_config(config_path), Path(config_path).stem, run_dir, overrides, progress,
+                        f"search started from {config_path}")
+
+
+def start_config(cfg: SearchConfig, default_name: str, run_dir: str | None, overrides: Overrides, progress: bool = True,
+                 origin: str = "search started") -> Path:
+    """A new run of ``cfg`` (a loaded config: from a file, or the Python API's dict)."""
+    cfg = apply_overrides(cfg, overrides)
+    rd = RunDir(run_dir or Path("runs") / (cfg.name or default_name))
     if rd.path.exists() and any(rd.path.iterdir()):
         raise UserError(f"run directory {rd.path} already exists; resume it with `evomerge resume {rd.path}` or pass another --run-dir")
     check_plan(build_space(cfg))
@@ -101,7 +107,7 @@ def start(config_path: str, run_dir: str | None, overrides: Overrides, progress:
     except BaseException:
         pool.close()
         raise
-    rd.log(f"search started from {config_path}")
+    rd.log(origin)
     return run(rd, overrides.ray_address, progress, pool)
 
 
