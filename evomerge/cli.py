@@ -22,7 +22,7 @@ set_quiet_env()
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .errors import UserError  # noqa: E402
-from .cli_toolbox import add_parsers as add_toolbox_parsers  # noqa: E402
+from .cli_toolbox import add_eval_args, add_parsers as add_toolbox_parsers  # noqa: E402
 from .recipe import COMPUTE_DTYPES  # noqa: E402
 
 
@@ -39,11 +39,10 @@ def cmd_merge(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .fitness.evaluator import Evaluator
-    from .fitness.terms import parse_terms
+    from .api import evaluate
 
-    evaluator = Evaluator(parse_terms(args.tasks, metric=args.metric), args.task_path, args.limit, args.batch_size, args.device)
-    result = evaluator.score_dir(args.model_dir, args.compute_dtype)
+    result = evaluate(args.model_dir, args.tasks, limit=args.limit, task_path=args.task_path, batch_size=args.batch_size,
+                      device=args.device, compute_dtype=args.compute_dtype, metric=args.metric)
     print(result.to_json() if args.json else result.table())
     return 0
 
@@ -126,12 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score a model directory with lm-eval tasks")
     p.add_argument("model_dir")
-    p.add_argument("--tasks", required=True, help="comma-separated task[:metric[:weight]] list, e.g. rev_test,sft_test")
-    p.add_argument("--task-path", default=None, help="folder of task YAMLs (default: the shipped evomerge/tasks/)")
-    p.add_argument("--limit", type=float, default=None, help="score only the first N documents of each task")
-    p.add_argument("--metric", default="acc", help="metric for tasks named without one (default acc)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    add_eval_args(p)
     p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
                    help="dtype of the forward passes; auto (default): float32 on a CPU, the stored dtype on a GPU, as in the search's workers")
     p.add_argument("--json", action="store_true", help='print {"scores": ..., "fitness": ...} as one JSON object')

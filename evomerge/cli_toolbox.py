@@ -80,8 +80,7 @@ def cmd_align(args) -> int:
                                                   {"model": args.b, "parameters": {"weight": 1.0}}],
             "align": {"method": args.method, "reference": args.a}, "tokenizer_source": args.b}
     if args.method == "activation":
-        spec = _calibration(args, None)
-        data["calibration"] = {k: v for k, v in spec.__dict__.items() if k != "min_examples"}
+        data["calibration"] = _calibration(args, None).model_dump(exclude_none=True)
     merge_to_disk(parse_recipe(data), args.out_dir, force=args.force, progress=not args.quiet)
     print(f"{args.b} aligned onto {args.a} ({args.method} matching) written to {args.out_dir}")
     return 0
@@ -137,22 +136,23 @@ def add_parsers(sub, zsub) -> None:
 
 
 def _calibration(args, fallback_task: str | None):
-    from .stats.calibration import CalibrationSpec
+    """The calibration flags as a recipe's ``calibration:`` section."""
+    from .recipe import Calibration
 
     if args.data and args.calibration_task:
         raise UserError("give --data or --calibration-task, not both")
     task = args.calibration_task or (None if args.data else fallback_task)
     if not args.data and not task:
         raise UserError("name calibration texts: --data FILE.jsonl or --calibration-task TASK (or --tasks, whose first task's documents are used)")
-    return CalibrationSpec(data=args.data, task=task, task_path=args.task_path, field=args.field,
-                           limit=args.calibration_limit, max_length=args.max_length)
+    return Calibration(data=args.data, task=task, task_path=args.task_path, field=args.field,
+                       limit=args.calibration_limit, max_length=args.max_length)
 
 
 def cmd_barrier(args) -> int:
     from .landscape.barrier import plot, scan, table
 
     first = args.tasks.split(",")[0].split(":")[0] if args.tasks else None
-    spec = _calibration(args, first)
+    spec = _calibration(args, first).spec()
     evaluator = _evaluator(args) if args.tasks else None
     out = Path(args.out)
 

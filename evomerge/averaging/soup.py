@@ -52,11 +52,13 @@ def live_scorer(models: list[Path], evaluator, device: str = "cpu", compute: str
 
     sources = {str(m): ModelDir(m) for m in models}
     tokenizer = AutoTokenizer.from_pretrained(models[0])
+    model = None  # one model object, overwritten by every soup tried
 
     def score(recipe: Recipe) -> float:
+        nonlocal model
         tensors, config = live_state(recipe, sources)
         stored = next(iter(tensors.values())).dtype
-        model = to_model(tensors, config, device, compute_dtype(compute, device, stored))
+        model = to_model(tensors, config, device, compute_dtype(compute, device, stored), into=model)
         return evaluator.score_model(model, tokenizer).fitness
 
     return score

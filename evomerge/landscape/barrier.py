@@ -109,13 +109,13 @@ def scan(a_dir: str, b_dir: str, calibration, method: str = "linear", align: tup
             name = ALIGNED.format(b=b_dir)
             aligned = permute_onto(ref_state, other_state, a.config, how, batches if how == "activation" else None)
             variants.append((f"{how} matching", name, {name: MemorySource(b.path, b.config, aligned)}))
-    paths = []
+    paths, model = [], None
     for label, b_ref, extra in variants:
         sources = {str(a_dir): a, **extra}
         got = []
         for t in ts:
             tensors, config = live_state(point_recipe(str(a_dir), b_ref, t, method), sources)
-            model = to_model(tensors, config)
+            model = to_model(tensors, config, into=model)
             score = evaluator.score_model(model, tokenizer).fitness if evaluator is not None else None
             got.append(Point(t, mean_nll(model, batches), score))
             if on_point:

@@ -54,15 +54,19 @@ def live_state(recipe: Recipe, sources: Mapping[str, TensorSource], device: str 
 
 
 def to_model(tensors: Mapping[str, torch.Tensor], config: dict, device: str = "cpu",
-             dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """An HF causal LM holding ``tensors`` (computing in ``dtype``), ready to score."""
+             dtype: torch.dtype = torch.float32, into: torch.nn.Module | None = None) -> torch.nn.Module:
+    """An HF causal LM holding ``tensors`` (computing in ``dtype``), ready to score.
+    ``into``: a model of the same config to overwrite instead (a path's next point)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(config)
-    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    # the random init is overwritten at once; forked so it leaves the global RNG alone
-    with torch.random.fork_rng(devices=[]):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    if into is not None:
+        model, hf_config = into, into.config
+    else:
+        cfg = dict(config)
+        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        # the random init is overwritten at once; forked so it leaves the global RNG alone
+        with torch.random.fork_rng(devices=[]):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(device)
     state = model.state_dict()
     missing = [n for n in state if n not in tensors and not _tied(n, hf_config)]
     if missing:
@@ -72,7 +76,7 @@ def to_model(tensors: Mapping[str, torch.Tensor], config: dict, device: str = "c
             if name in state:
                 state[name].copy_(t)
     model.config.use_cache = False
-    return model.to(device).eval()
+    return model.eval()
 
 
 def _tied(name: str, config) -> bool:

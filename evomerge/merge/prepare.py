@@ -71,13 +71,18 @@ class GramSource:
         return name in self.file.conv1d
 
 
+def needs_calibration(method: str, where: str = "the recipe") -> UserError:
+    """The one error for a data-dependent method without calibration texts."""
+    return UserError(f"merge method {method!r} learns from data: add a calibration: section to {where} "
+                     "(data: FILE.jsonl, or task: an lm-eval task whose documents to use)")
+
+
 def prepare(recipe: Recipe, sources: Mapping, device: str = "cpu") -> tuple[Recipe, dict]:
     """(the recipe to plan, the sources to plan it over)."""
     sources = dict(sources)
     kernel = get_kernel(recipe.merge_method) if recipe.merge_method else None
-    if kernel is not None and (kernel.stats or kernel.whole_model) and recipe.calibration is None and not _own_calibrations(recipe):
-        raise UserError(f"merge_method {kernel.name!r} learns from data: add a calibration: section "
-                        "(data: FILE.jsonl, or task: an lm-eval task whose documents to use)")
+    if kernel is not None and kernel.whole_model and recipe.calibration is None:
+        raise needs_calibration(kernel.name)  # one set for both models: their features are compared on it
     if recipe.align is not None:
         if kernel is not None and kernel.stats:
             raise UserError(f"align: with {kernel.name!r} is not supported; write the aligned model first "
@@ -114,8 +119,7 @@ def stats_sources(method: str, models: list[str], sources: Mapping, calibration,
     for ref in models:
         cal = (own or {}).get(ref) or calibration
         if cal is None:
-            raise UserError(f"merge method {method!r} learns from data: add a calibration: section for {ref} or the "
-                            "whole recipe (data: FILE.jsonl, or task: an lm-eval task whose documents to use)")
+            raise needs_calibration(method, f"the recipe or to {ref}'s entry")
         spec = cal.spec()
         path = sources[ref].path
         if kind == "fisher":

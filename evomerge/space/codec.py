@@ -58,9 +58,10 @@ class SearchSpace:
         if kernel.whole_model:
             raise UserError(f"ps.method {ps.method!r} merges whole models, not layer by layer; "
                             "try its settings with `evomerge merge` (parameters: ratio, beta, zip_layers)")
-        if kernel.stats and self.cfg.calibration is None and set(self.cfg.model_calibration) < set(self.cfg.models):
-            raise UserError(f"ps.method {ps.method!r} learns from data: add a calibration: section to the config "
-                            "(data: FILE.jsonl, or task: an lm-eval task whose documents to use)")
+        if kernel.stats and self.cfg.calibration is None and any(m not in self.cfg.model_calibration for m in self.cfg.models):
+            from ..merge.prepare import needs_calibration
+
+            raise needs_calibration(ps.method, "the config")
         tunable = {p.name: p for p in kernel.params if p.tunable}
         tune = ps.tune if ps.tune is not None else {n: None for n in tunable}
         layers = layer_counts[self.cfg.base_model or self.cfg.models[0]]
