@@ -7,6 +7,7 @@ best wall time and peak RSS, the TIES/linear time ratio (target <= 1.5; mergekit
 TIES takes ~5x) and the peak RSS (target < 1.5 GB).
 
     python bench/bench_merge.py [--dir /tmp/evomerge_bench] [--layers 12] [--threads 2] [--repeats 5]
+        [--methods model_stock karcher nearswap]   # more methods, each against linear (target <= 2x)
 """
 
 from __future__ import annotations
@@ -64,12 +65,23 @@ def run_merge(recipe: Path, out: Path, threads: int) -> tuple[float, float, floa
     return float(wall), float(cpu), int(rss_kb) / 1e6
 
 
+# mergekit's newer methods over the same family (two fine-tunes, and the base where one is needed)
+MORE = {
+    "model_stock": lambda fam: {"merge_method": "model_stock", "base_model": str(fam["base"]),
+                                "models": [{"model": str(fam[m])} for m in ("a", "b")]},
+    "karcher": lambda fam: {"merge_method": "karcher", "models": [{"model": str(fam[m])} for m in ("base", "a", "b")]},
+    "nearswap": lambda fam: {"merge_method": "nearswap", "base_model": str(fam["base"]), "models": [{"model": str(fam["a"])}],
+                             "parameters": {"t": 0.001}},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/evomerge_bench")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each merge (1 steadies timings on a busy machine)")
     ap.add_argument("--repeats", type=int, default=5, help="child processes per recipe; the best counts")
+    ap.add_argument("--methods", nargs="*", default=[], choices=sorted(MORE), help="also time these, each against linear")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.dir)
@@ -85,6 +97,7 @@ def main() -> None:
         "ties": {"merge_method": "ties", "base_model": str(fam["base"]),
                  "models": [{"model": str(fam[m]), "parameters": {"weight": 0.5, "density": 0.5}} for m in ("a", "b")]},
     }
+    recipes |= {name: MORE[name](fam) for name in args.methods}
     for name, data in recipes.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(data))
     runs = {name: [] for name in recipes}
@@ -99,6 +112,8 @@ def main() -> None:
         print(f"{name:7s} wall {wall[name]:6.2f} s   CPU {cpu[name]:6.2f} s   peak RSS {rss[name]:.2f} GB   (walls: {all_walls})")
     print(f"ties/linear time ratio: {wall['ties'] / wall['linear']:.2f} wall, {cpu['ties'] / cpu['linear']:.2f} CPU (target <= 1.5)")
     print(f"max peak RSS: {max(rss.values()):.2f} GB (target < 1.5)")
+    for name in args.methods:
+        print(f"{name}/linear time ratio: {wall[name] / wall['linear']:.2f} wall, {cpu[name] / cpu['linear']:.2f} CPU (target <= 2)")
 
 
 if __name__ == "__main__":

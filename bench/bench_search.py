@@ -6,6 +6,11 @@
     python bench/bench_search.py cma-vs-random [--evals 60] [--seeds 0 1 2]
         runs the toy PS search with CMA-ES and with random search at the same budget and
         prints the best recipe's test-split mean for each seed and the medians.
+    python bench/bench_search.py subsets [--limit 64] [--seeds 0 1 2]
+        runs the toy PS search with its full fitness and with each task scored on a seeded
+        random subset of --limit documents, per optimizer seed: the best recipe's test mean
+        for each, the medians, and the ratio of forward tokens (the fitness's tokens per
+        candidate, times the candidates scored).
 """
 
 from __future__ import annotations
@@ -73,14 +78,67 @@ def cma_vs_random(args) -> None:
     print(f"cma - random (median): {statistics.median(means['cma']) - statistics.median(means['random']):+.3f}")
 
 
+def fitness_tokens(config: Path, limit: int | None) -> tuple[int, int]:
+    """(documents, tokens) one candidate's fitness scores: context + continuation per document."""
+    from evomerge.fitness.evaluator import evaluators_for
+    from evomerge.space.config import load_search_config
+
+    cfg = load_search_config(str(config))
+    cfg = cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"limit": limit})})
+    ev = evaluators_for(cfg, test=False)["search"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    docs = tokens = 0
+    for name, task in ev._task_dict["tasks"].items():
+        keep = ev.samples[name] if ev.samples is not None else range(len(task.eval_docs))
+        for i in keep:
+            doc = task.eval_docs[i]
+            text = task.doc_to_text(doc) + task.config.target_delimiter + str(task.doc_to_target(doc))
+            docs, tokens = docs + 1, tokens + len(tok(text)["input_ids"])
+    return docs, tokens
+
+
+def subsets(args) -> None:
+    import yaml
+
+    root = Path(tempfile.mkdtemp(prefix="evomerge_subsets_"))
+    base = yaml.safe_load(Path(args.config).read_text())
+    variants = {"full": None, f"random {args.limit}": args.limit}
+    rows = {name: [] for name in variants}
+    for name, limit in variants.items():
+        data = {**base, "fitness": {**base["fitness"], "limit": limit}}
+        cfg = Path(args.config).parent / f".bench_subsets_{limit}.yaml"  # beside the original: same relative paths
+        cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+        try:
+            docs, tokens = fitness_tokens(cfg, limit)
+            for seed in args.seeds:
+                run_dir = root / f"{limit}_{seed}"
+                wall = run_search(cfg, run_dir, "--seed", str(seed))
+                scored = sum(1 for e in history(run_dir) if not e.get("cached") and e.get("error") is None)
+                rows[name].append((test_mean(run_dir), scored * tokens, wall))
+                print(f"{name:12s} seed {seed}: best test mean {rows[name][-1][0]:.3f}, {scored} candidates x {docs} docs "
+                      f"({tokens} tokens) = {scored * tokens:,} forward tokens, {wall:.0f} s", flush=True)
+        finally:
+            cfg.unlink()
+    full, sub = rows["full"], rows[f"random {args.limit}"]
+    med = {n: statistics.median(v[0] for v in r) for n, r in rows.items()}
+    for n in rows:
+        print(f"{n:12s} median best test mean over seeds {args.seeds}: {med[n]:.3f}")
+    ratio = sum(v[1] for v in full) / sum(v[1] for v in sub)
+    print(f"forward tokens, full / subset: {ratio:.2f}x; test mean difference (median): {med[f'random {args.limit}'] - med['full']:+.3f}"
+          f"; wall full / subset: {sum(v[2] for v in full) / sum(v[2] for v in sub):.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["overhead", "cma-vs-random"])
+    ap.add_argument("what", choices=["overhead", "cma-vs-random", "subsets"])
+    ap.add_argument("--limit", type=int, default=64, help="subsets: documents per task")
     ap.add_argument("--config", default=str(REPO / "search_spaces" / "toy_ps.yaml"))
     ap.add_argument("--evals", type=int, default=60)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
-    overhead(args) if args.what == "overhead" else cma_vs_random(args)
+    {"overhead": overhead, "cma-vs-random": cma_vs_random, "subsets": subsets}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -111,8 +111,11 @@ def main() -> int:
         g = "independent pair"
         for n in "ab":
             add(g, f"pair {n}", toolbox / "pair" / n, f"`evomerge eval runs/zoo_toolbox/pair/{n}`")
-        for name, label in (("pair_average", "average"), ("pair_weight_matching", "Re-Basin weight matching + average"),
-                            ("pair_activation_matching", "Re-Basin activation matching + average"),
+        for name, label in (("pair_average", "average"),
+                            ("pair_weight_permutations", "Re-Basin weight matching (permutations) + average"),
+                            ("pair_activation_permutations", "Re-Basin activation matching (permutations) + average"),
+                            ("pair_weight_matching", "weight matching + rotations, + average"),
+                            ("pair_activation_matching", "activation matching + rotations, + average"),
                             ("pair_zipit", "ZipIt! (ratio 1)")):
             add(g, label, merged(name), merge_cmd(name))
 
@@ -123,10 +126,11 @@ def main() -> int:
 
     calibration = CalibrationSpec(task="zoo_search", limit=256)
     paths = scan(str(toolbox / "pair" / "a"), str(toolbox / "pair" / "b"), calibration, "linear",
-                 ("weight", "activation"), test, args.points)
+                 ("weight-perm", "activation-perm", "weight", "activation"), test, args.points)
     print()
     print("Loss barrier between pair/a and pair/b (mean NLL per token on the search splits; score = mean test exact match);")
-    print("`evomerge barrier runs/zoo_toolbox/pair/a runs/zoo_toolbox/pair/b --align weight --align activation "
+    print("`evomerge barrier runs/zoo_toolbox/pair/a runs/zoo_toolbox/pair/b --align weight-perm --align activation-perm "
+          "--align weight --align activation "
           "--tasks mir_test,sft_test,srt_test --calibration-task zoo_search`:")
     print()
     print(table(paths))

@@ -82,6 +82,21 @@ class Run:
 
         return best_recipe(RunDir(self.path))
 
+    def front(self) -> list[dict]:
+        """The Pareto front of the fitness terms (history entries, best fitness first); any run has one."""
+        from .run.front import pareto_front
+        from .run.rundir import RunDir
+
+        rd = RunDir(self.path)
+        return pareto_front(rd.read_history(), rd.load_config())
+
+    def pick(self, eval_id: int | None = None, weights: list[float] | None = None) -> tuple[Recipe, dict]:
+        """(recipe, entry) of a candidate by eval id, or of the front member maximizing ``weights``."""
+        from .run.export import best_recipe
+        from .run.rundir import RunDir
+
+        return best_recipe(RunDir(self.path), eval_id, weights)
+
     def results(self) -> dict | None:
         """The end-of-search table (sources, uniform merge, best found on the test tasks), once written."""
         import json
@@ -109,8 +124,9 @@ def search(config: str | Path | dict | Any, *, run_dir: str | Path | None = None
     return Run(Path(runner.start_config(config, "search", rd, overrides, progress, "search started from the Python API")))
 
 
-def resume(run_dir: str | Path, *, ray_address: str | None = None, progress: bool = False) -> Run:
-    """Continue a run after a crash or a stop (the same trajectory as an uninterrupted run)."""
+def resume(run_dir: str | Path, *, max_evals: int | None = None, ray_address: str | None = None, progress: bool = False) -> Run:
+    """Continue a run after a crash or a stop (the same trajectory as an uninterrupted run);
+    ``max_evals`` gives it a new budget."""
     from .run import search as runner
 
-    return Run(Path(runner.resume(str(run_dir), None, ray_address, progress=progress)))
+    return Run(Path(runner.resume(str(run_dir), None, ray_address, progress=progress, max_evals=max_evals)))

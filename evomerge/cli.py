@@ -79,7 +79,7 @@ def cmd_search(args) -> int:
     if args.resume:
         if not args.run_dir:
             raise UserError("--resume needs --run-dir (the run to continue)")
-        search.resume(args.run_dir, args.config, args.ray_address, progress=not args.quiet)
+        search.resume(args.run_dir, args.config, args.ray_address, progress=not args.quiet, max_evals=args.max_evals)
     else:
         search.start(args.config, args.run_dir, _overrides(args), progress=not args.quiet)
     return 0
@@ -88,14 +88,20 @@ def cmd_search(args) -> int:
 def cmd_resume(args) -> int:
     from .run import search
 
-    search.resume(args.run_dir, None, args.ray_address, progress=not args.quiet)
+    search.resume(args.run_dir, None, args.ray_address, progress=not args.quiet, max_evals=args.max_evals)
     return 0
 
 
 def cmd_export(args) -> int:
     from .run.export import export
 
-    text = export(args.run_dir, args.out, args.format, args.model, args.device, args.force)
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights {args.weights!r}: give comma-separated numbers, one per fitness term") from None
+    text = export(args.run_dir, args.out, args.format, args.model, args.device, args.force, args.pick, weights)
     if not args.out:
         print(text, end="")
     return 0
@@ -105,6 +111,13 @@ def cmd_report(args) -> int:
     from .run.report import summarize
 
     print(summarize(args.run_dir, plot=not args.no_plot))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from .run.runs import list_runs
+
+    print(list_runs(args.root))
     return 0
 
 
@@ -160,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="continue a search after a crash or stop")
     p.add_argument("run_dir")
+    p.add_argument("--max-evals", type=int, default=None, help="a new budget for the run (e.g. raise it to search on)")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_resume)
@@ -171,12 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="also merge the recipe into this model directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace a non-empty --model directory")
+    p.add_argument("--pick", type=int, default=None, help="export this eval id instead of the best (e.g. a Pareto-front member)")
+    p.add_argument("--weights", default=None,
+                   help="export the Pareto-front member maximizing these weights over the fitness terms (comma-separated)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="summarize a run: per-generation table, test results, fitness plot")
     p.add_argument("run_dir")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("runs", help="every run under a folder: evals done, best fitness, finished / stopped / interrupted")
+    p.add_argument("root", nargs="?", default="runs", help="folder holding run directories (default runs/)")
+    p.set_defaults(func=cmd_runs)
     return parser
 
 

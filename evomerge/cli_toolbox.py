@@ -78,11 +78,13 @@ def cmd_align(args) -> int:
 
     data = {"merge_method": "linear", "models": [{"model": args.a, "parameters": {"weight": 0.0}},
                                                   {"model": args.b, "parameters": {"weight": 1.0}}],
-            "align": {"method": args.method, "reference": args.a}, "tokenizer_source": args.b}
+            "align": {"method": args.method, "reference": args.a, "rotate": not args.permutations_only},
+            "tokenizer_source": args.b}
     if args.method == "activation":
         data["calibration"] = _calibration(args, None).model_dump(exclude_none=True)
     merge_to_disk(parse_recipe(data), args.out_dir, force=args.force, progress=not args.quiet)
-    print(f"{args.b} aligned onto {args.a} ({args.method} matching) written to {args.out_dir}")
+    how = "permutations only" if args.permutations_only else "permutations and head rotations"
+    print(f"{args.b} aligned onto {args.a} ({args.method} matching, {how}) written to {args.out_dir}")
     return 0
 
 
@@ -188,6 +190,8 @@ def add_align_parser(sub) -> None:
     p.add_argument("b", metavar="B")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--method", default="weight", choices=("weight", "activation"))
+    p.add_argument("--permutations-only", action="store_true",
+                   help="do not rotate the heads' dims after permuting (Git Re-Basin as published)")
     add_calibration_args(p)
     p.add_argument("--task-path", default=None)
     p.add_argument("--force", action="store_true")
@@ -200,7 +204,9 @@ def add_barrier_parser(sub) -> None:
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
     p.add_argument("--method", default="linear", help="linear or slerp")
-    p.add_argument("--align", action="append", default=None, help="also after permuting B onto A: weight or activation (repeatable)")
+    p.add_argument("--align", action="append", default=None,
+                   help="also after aligning B onto A: weight or activation (permutations, then head rotations), "
+                        "weight-perm or activation-perm (permutations only); repeatable")
     p.add_argument("--points", type=int, default=11)
     p.add_argument("--out", default="barrier", help="folder for barrier.json and barrier.png (default ./barrier)")
     add_eval_args(p, required=False)

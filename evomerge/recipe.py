@@ -121,6 +121,9 @@ class Align(_Frozen):
 
     method: Literal["weight", "activation"]
     reference: Optional[str] = None  # default: base_model, else the first model
+    # then rotate the heads' dims onto the reference's too (evomerge/align/rotations.py),
+    # where the architecture allows; false: permutations only, as Ainsworth et al.
+    rotate: bool = True
 
 
 class Recipe(_Frozen):

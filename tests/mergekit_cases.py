@@ -156,6 +156,13 @@ def exact_cases(m, arch) -> dict[str, dict]:
                              parameters={"lambda": [1.5, 0.5], "weight": 0.25, "normalize": False}),
         "breadcrumbs_gradients": tv("breadcrumbs_ties", [("a", {"weight": 0.6, "density": [0.5, 0.9], "gamma": [0.0, 0.2]}),
                                                          ("b", {"weight": 0.4, "density": 0.7})], parameters={"gamma": 0.05}),
+        # mergekit's newer methods: Model Stock (per tensor and per row), Karcher mean, NearSwap
+        "model_stock": tv("model_stock", [("a", None), ("b", None), ("c", None)]),
+        "model_stock_filter_wise": tv("model_stock", [("a", None), ("b", None)], parameters={"filter_wise": True}),
+        "karcher": {"merge_method": "karcher", "dtype": "float32", "models": [_src(m, k(s)) for s in ("a", "b", "c")]},
+        "karcher_few_steps": {"merge_method": "karcher", "dtype": "float32", "parameters": {"max_iter": 2, "tol": 1e-7},
+                              "models": [_src(m, k(s)) for s in ("a", "base")]},
+        "nearswap": tv("nearswap", [("a", None)], parameters={"t": 0.01}),
         # layer stacking; scale filters see the *input* names: 'layers.1.' is the second
         # slice's first output layer (2), not output layer 1
         "passthrough_stack": {"merge_method": "passthrough", "dtype": "float32", "slices": [

@@ -12,6 +12,8 @@ from evomerge.align import activation_matching, align, apply_permutation, random
 from evomerge.align.activations import build_model
 from evomerge.align.permspec import kv_perm, perm_spec
 from evomerge.align.rebasin import solve
+from evomerge.align.residual import fold_norms, rotate_residual, unfold_norms
+from evomerge.align.rotations import align_heads, random_rotations, rotate_heads
 from evomerge.align.zipit import zip_pairs
 from evomerge.errors import UserError
 from evomerge.io.model_dir import ModelDir
@@ -85,6 +87,68 @@ def test_realigning_a_permuted_model_recovers_it(models, arch, method):
     (a, _), config = models[arch]
     b, _ = permuted(a, config, seed=2)
     assert_states_close(align(a, b, config, method=method, batches=batches()), a)
+
+
+def rotated(state, config, seed=1):
+    return rotate_heads(state, config, random_rotations(config, torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_random_head_rotation_is_a_symmetry(models, arch):
+    (a, _), config = models[arch]
+    b = rotated(a, config)
+    assert all(not torch.equal(a[n], b[n]) for n in a if "self_attn" in n)
+    torch.testing.assert_close(logits(b, config), logits(a, config), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_realigning_a_permuted_and_rotated_model_recovers_it(models, arch, method):
+    """Heads matched by their circuits, then rotated back: the original to float tolerance."""
+    (a, _), config = models[arch]
+    b, _ = permuted(rotated(a, config, seed=4), config, seed=5)
+    assert_states_close(align(a, b, config, method=method, batches=batches()), a, atol=1e-5)
+    # permutations alone cannot undo the rotations
+    plain = align(a, b, config, method=method, batches=batches(), rotate=False)
+    assert max((plain[n] - a[n]).abs().max() for n in a) > 1e-2
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def test_folding_the_gains_and_rotating_the_stream_are_symmetries(models):
+    (a, _), config = models["llama"]
+    folded = fold_norms(a, config)
+    assert all(torch.equal(folded[n], torch.ones_like(a[n])) for n in a if n.endswith("norm.weight"))
+    torch.testing.assert_close(logits(folded, config), logits(a, config), atol=1e-5, rtol=1e-5)
+    turned = rotate_residual(folded, config, random_orthogonal(config["hidden_size"], 3))
+    torch.testing.assert_close(logits(turned, config), logits(a, config), atol=1e-5, rtol=1e-5)
+    back = unfold_norms(turned, config, a)  # written with a's gains again
+    assert all(torch.equal(back[n], a[n]) for n in a if n.endswith("norm.weight"))
+    torch.testing.assert_close(logits(back, config), logits(a, config), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_realigning_a_model_with_a_rotated_stream_recovers_it(models, method):
+    """Stream rotated (no permutation could undo it), heads rotated, units permuted: activation
+    matching gives back the model; weight matching at least comes closer than permutations do."""
+    (a, _), config = models["llama"]
+    moved = rotate_residual(fold_norms(a, config), config, random_orthogonal(config["hidden_size"], 7))
+    b, _ = permuted(rotated(moved, config, seed=8), config, seed=9)
+    got = align(a, b, config, method=method, batches=batches(count=4))
+    plain = align(a, b, config, method=method, batches=batches(count=4), rotate=False)
+    if method == "activation":
+        assert_states_close(got, a, atol=1e-4)
+    assert inner_product(a, got) > inner_product(a, plain)
+    torch.testing.assert_close(logits(got, config), logits(a, config), atol=1e-4, rtol=1e-4)
+
+
+def test_head_rotations_of_independent_models_raise_their_inner_product(models):
+    (a, b), config = models["llama"]
+    b = align(a, b, config, rotate=False)
+    assert inner_product(a, align_heads(a, b, config)) > inner_product(a, b)
 
 
 def test_bf16_states_align_in_bf16(tmp_path):
@@ -173,7 +237,7 @@ def test_zipit_without_merges_is_the_average_of_both_mlps(models):
     state, new_config = zipit(a, b, config, batches(), ratio=0.0)
     n = config["intermediate_size"]
     assert new_config["intermediate_size"] == 2 * n
-    b_aligned = align(a, b, config, method="activation", batches=batches())
+    b_aligned = align(a, b, config, method="activation", batches=batches(), rotate=False)  # ZipIt aligns by permutations
     merged, ma, mb = build_model(state, new_config), build_model(a, config), build_model(b_aligned, config)
     x = torch.randn(3, 5, config["hidden_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -87,6 +87,32 @@ def test_groups_and_limit(tiny_zoo):
     assert all(round(m * 20) == m * 20 for m in members)
 
 
+def test_random_subsets_are_seeded_fixed_and_scored_like_lm_eval(tiny_zoo, tmp_path):
+    terms = parse_terms("mir_test,srt_test,srt_test:logprob")
+    ev = Evaluator(terms, limit=30, subset="random", subset_seed=3)
+    assert ev.samples == Evaluator(terms, limit=30, subset="random", subset_seed=3).samples
+    assert ev.samples != Evaluator(terms, limit=30, subset="random", subset_seed=4).samples
+    assert Evaluator(terms, limit=30).samples == {t: list(range(30)) for t in ("mir_test", "srt_test")}
+    for idx in ev.samples.values():
+        assert len(idx) == 30 and idx == sorted(set(idx)) and idx != list(range(30)) and max(idx) > 100
+    # a per-task size changes that task's subset only
+    sized = Evaluator(terms, limit=30, limits={"srt_test": 10}, subset="random", subset_seed=3)
+    assert len(sized.samples["srt_test"]) == 10 and sized.samples["mir_test"] == ev.samples["mir_test"]
+    assert sized.documents == 40
+
+    model_dir = tiny_zoo / "srt"
+    ours = ev.score_dir(model_dir)
+    cli = lm_eval_cli(f"pretrained={model_dir}", ["mir_test", "srt_test"], tmp_path, "--samples", json.dumps(ev.samples))
+    for task in ("mir_test", "srt_test"):
+        assert ours.scores[task]["acc"] == cli[task]["acc,none"], task
+    # the mean log-probability tells any other 30 documents apart
+    assert math.isclose(ours.scores["srt_test"]["logprob"], cli["srt_test"]["logprob,none"], rel_tol=1e-5)
+    first = Evaluator(terms, limit=30).score_dir(model_dir)
+    assert not math.isclose(first.scores["srt_test"]["logprob"], ours.scores["srt_test"]["logprob"], rel_tol=1e-3)
+    with pytest.raises(UserError, match="limits name 'sft_test'"):
+        Evaluator(terms, limit=30, limits={"sft_test": 5})
+
+
 def test_offline_env_is_set_before_datasets_is_imported():
     code = "import evomerge.fitness.evaluator, datasets.config as c, os; print(c.HF_HUB_OFFLINE, os.environ['TOKENIZERS_PARALLELISM'])"
     env = {k: v for k, v in os.environ.items() if k not in {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"}}

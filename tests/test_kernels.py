@@ -51,8 +51,10 @@ def declared_only(name: str, model_params: list[dict]) -> list[dict]:
 def minimal_params(name: str, n_models: int) -> tuple[list[dict], dict]:
     if name == "slerp":
         return [{}] * n_models, {"t": 0.3}
-    if name == "passthrough":
+    if name in ("passthrough", "model_stock", "karcher"):
         return [{}] * n_models, {}
+    if name == "nearswap":
+        return [{}] * n_models, {"t": 0.01}
     return [{"weight": 0.5}] * n_models, {}
 
 
@@ -145,7 +147,7 @@ def test_task_vector_presets_match_argsort_reference(name, normalize):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_identical_inputs_give_the_input(name, dtype):
     x = randn(16, 8, dtype=dtype)
-    n_models = 1 if name in ("slerp", "passthrough") else 2
+    n_models = 1 if name in ("slerp", "passthrough", "nearswap") else 2
     model_params, params = minimal_params(name, n_models)
     out = run(name, [x.clone() for _ in range(n_models)], x.clone(), model_params, params)
     assert out.dtype == torch.float32 and out.shape == x.shape

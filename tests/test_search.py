@@ -177,6 +177,9 @@ def test_killed_ray_actor_is_replaced_and_candidate_rerun(tiny_zoo, tmp_path):
     ({"optimizer": {"popsize": 1}}, "popsize"),
     ({"workers": {"count": 1, "gpus_per_worker": 1}}, "GPU"),
     ({"ps": {"method": "tie"}}, "did you mean 'ties'"),
+    ({"optimizer": {"backend": "optuna-nsga2"}, "fitness": {"tasks": [{"task": "mir_search"}]}}, "two or more tasks"),
+    ({"optimizer": {"patience": 0}}, "patience"),
+    ({"fitness": {"tasks": [{"task": "mir_search"}], "limit": 5, "limits": {"sft_search": 3}}}, "limits name 'sft_search'"),
 ])
 def test_bad_search_input_refused(tiny_zoo, tmp_path, capsys, over, fragment):
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -196,3 +199,82 @@ def test_existing_run_dir_without_resume_refused(tiny_zoo, tmp_path, capsys):
     assert main(["search", str(cfg), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
     assert "resume" in capsys.readouterr().err
     assert (tmp_path / "run" / "config.yaml").read_text() == "x"
+
+
+def test_raising_max_evals_on_resume_continues_the_same_trajectory(tiny_zoo, tmp_path, capsys):
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", optimizer={"popsize": 4, "max_evals": 16, "seed": 5})
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(["search", str(cfg), "--run-dir", str(ref), "--quiet"]) == 0
+    assert main(["search", str(cfg), "--run-dir", str(run), "--max-evals", "8", "--quiet"]) == 0
+    assert len(history(run)) == 8
+    capsys.readouterr()
+    assert main(["resume", str(run), "--max-evals", "4", "--quiet"]) == 2  # below what is done
+    assert "below the 8 evaluations" in capsys.readouterr().err
+    assert main(["resume", str(run), "--max-evals", "16", "--quiet"]) == 0
+    assert [e["genome"] for e in history(run)] == [e["genome"] for e in history(ref)]
+    assert load_search_config(run / "config.yaml").optimizer.max_evals == 16
+    # the fitness's documents: a seeded random subset per task, recorded, the same in both runs
+    subsets = json.loads((run / "subsets.json").read_text())
+    assert subsets == json.loads((ref / "subsets.json").read_text())
+    assert all(len(v) == 6 and v != list(range(6)) for v in subsets.values())
+
+
+def test_patience_and_wall_time_stop_a_run_at_a_generation_end(tiny_zoo, tmp_path):
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", optimizer={"popsize": 4, "max_evals": 400, "seed": 0, "patience": 1})
+    run = tmp_path / "run"
+    assert main(["search", str(cfg), "--run-dir", str(run), "--quiet"]) == 0
+    h = history(run)
+    best = max(h, key=lambda e: e["fitness"])
+    last = max(e["generation"] for e in h)
+    assert last == best["generation"] + 1 and len(h) == 4 * (last + 1) < 400
+    assert "no improvement for 1 generations (patience 1)" in (run / "search.log").read_text()
+    assert (run / "results.md").is_file()  # a stopped run still ends with its table
+
+    cfg = search_config(tiny_zoo, tmp_path / "w.yaml", optimizer={"popsize": 4, "max_evals": 400, "max_wall_s": 0.01})
+    run = tmp_path / "wall"
+    assert main(["search", str(cfg), "--run-dir", str(run), "--quiet"]) == 0
+    assert len(history(run)) == 4 and "reached max_wall_s" in (run / "search.log").read_text()
+
+    # `evomerge runs` lists both, with how they ended
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.yaml").write_text((run / "config.yaml").read_text())
+    (tmp_path / "fresh" / "search.log").write_text("search started\n")  # killed before its first candidate
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["runs", str(tmp_path)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.getvalue().splitlines()[2:]}
+    assert "stopped early" in rows[str(tmp_path / "run")] and "stopped early" in rows[str(tmp_path / "wall")]
+    assert "4/400" in rows[str(tmp_path / "wall")] and "interrupted" in rows[str(tmp_path / "fresh")]
+
+
+def test_nsga2_keeps_the_pareto_front_and_exports_any_member(tiny_zoo, tmp_path, capsys):
+    from evomerge.run.front import dominates
+
+    opt = {"backend": "optuna-nsga2", "popsize": 4, "max_evals": 12, "seed": 1}
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", optimizer=opt)
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    assert main(["search", str(cfg), "--run-dir", str(run), "--quiet"]) == 0
+    # resumed with a raised budget: the same trajectory as one uninterrupted run
+    assert main(["search", str(cfg), "--run-dir", str(ref), "--max-evals", "8", "--quiet"]) == 0
+    assert main(["resume", str(ref), "--max-evals", "12", "--quiet"]) == 0
+    assert [e["genome"] for e in history(ref)] == [e["genome"] for e in history(run)]
+
+    front = json.loads((run / "front.json").read_text())
+    assert front and all(len(m["objectives"]) == 2 for m in front)
+    vecs = [m["objectives"] for m in front]
+    assert not any(dominates(a, b) for a in vecs for b in vecs)
+    scored = [[e["scores"][t][m] for t, m in ((t, "logprob") for t in e["scores"])] for e in history(run)]
+    assert all(any(dominates(v, s) or v == s for v in vecs) for s in scored)  # every candidate is matched or beaten
+
+    capsys.readouterr()
+    member = front[-1]
+    assert main(["export", str(run), "--pick", str(member["eval_id"]), "--out", str(tmp_path / "m.yaml")]) == 0
+    assert f"eval {member['eval_id']}," in (tmp_path / "m.yaml").read_text()
+    top_first = max(front, key=lambda m: (m["objectives"][0], -m["eval_id"]))
+    assert main(["export", str(run), "--weights", "1,0", "--out", str(tmp_path / "w.yaml")]) == 0
+    assert f"eval {top_first['eval_id']}," in (tmp_path / "w.yaml").read_text()
+    assert main(["export", str(run), "--weights", "1,0,2"]) == 2
+    assert "--weights takes 2 non-negative numbers" in capsys.readouterr().err

@@ -13,10 +13,13 @@ from evomerge.fitness.env import set_offline_env
 
 set_offline_env()  # before lm_eval pulls in datasets / huggingface_hub
 
+import math  # noqa: E402
+import zlib  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from numbers import Real  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 from lm_eval.evaluator import evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
@@ -27,6 +30,7 @@ from evomerge.errors import UserError, nearest  # noqa: E402
 from evomerge.tasks import TASK_DIR  # noqa: E402
 from evomerge.fitness.terms import FitnessTerm, Result, combine, scores_from_results  # noqa: E402
 
+SUBSETS = ("first", "random")  # which documents a limit keeps
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -45,7 +49,13 @@ class Evaluator:
         limit: int | float | None = None,
         batch_size: int = 64,
         device: str = "cpu",
+        limits: dict[str, int] | None = None,
+        subset: str = "first",
+        subset_seed: int = 0,
     ) -> None:
+        """``limit`` documents per task (``limits``: per task), the first ones (lm-eval's
+        ``--limit``) or, with ``subset="random"``, a seeded random subset of each task's
+        documents: the same for every model scored, and representative of the whole split."""
         self.terms = list(terms)
         if not self.terms:
             raise UserError("no fitness terms; name at least one task, e.g. --tasks mir_search")
@@ -53,6 +63,9 @@ class Evaluator:
         if not self.task_path.is_dir():
             raise UserError(f"task path {self.task_path} is not a directory; pass the folder holding the task YAMLs")
         self.limit = _check_limit(limit)
+        self.limits = {k: _check_limit(v) for k, v in (limits or {}).items()}
+        if subset not in SUBSETS:
+            raise UserError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
@@ -63,6 +76,11 @@ class Evaluator:
         for task in self._task_dict["tasks"].values():
             _reuse_requests(task)
         self._check_metrics()
+        unknown = sorted(set(self.limits) - set(self._task_dict["tasks"]))
+        if unknown:
+            raise UserError(f"limits name {unknown[0]!r}, which is not one of the tasks scored ({', '.join(sorted(self._task_dict['tasks']))})")
+        # per task: the documents scored (None: all of them), fixed once here
+        self.samples = self._subsets(subset, subset_seed)
         self._lm: HFLM | None = None
         self._lm_model = None
         self._lm_tokenizer = None
@@ -122,6 +140,31 @@ class Evaluator:
                     f"{nearest(term.metric, produced)}; it produces {sorted(produced)}"
                 )
 
+    def _subsets(self, subset: str, seed: int) -> dict[str, list[int]] | None:
+        if self.limit is None and not self.limits:
+            return None
+        out = {}
+        for name, task in self._task_dict["tasks"].items():
+            n = len(task.eval_docs)
+            size = _size(self.limits.get(name, self.limit), n)
+            if size is None or size >= n:
+                out[name] = list(range(n))
+            elif subset == "first":
+                out[name] = list(range(size))
+            else:
+                # a generator of its own per task, keyed by the task's name: adding a task
+                # leaves the others' subsets alone
+                rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+                out[name] = sorted(int(i) for i in rng.choice(n, size, replace=False))
+        return out
+
+    @property
+    def documents(self) -> int:
+        """Documents scored per model, over all tasks."""
+        if self.samples is None:
+            return sum(len(t.eval_docs) for t in self._task_dict["tasks"].values())
+        return sum(map(len, self.samples.values()))
+
     # ---------------------------------------------------------------- scoring
 
     def _lm_for(self, model, tokenizer) -> HFLM:
@@ -143,7 +186,7 @@ class Evaluator:
         out = evaluate(
             lm=self._lm_for(model, tokenizer),
             task_dict=self._task_dict,
-            limit=self.limit,
+            samples=self.samples,
             bootstrap_iters=0,
             log_samples=False,
         )
@@ -167,6 +210,16 @@ class Evaluator:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         return self.score_model(model, tokenizer)
+
+
+def evaluators_for(cfg, device: str = "cpu", test: bool = True) -> dict[str, Evaluator]:
+    """A search config's evaluators: "search" (its fitness, on its subsets) and "test" (whole splits)."""
+    fit = cfg.fitness
+    out = {"search": Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in fit.tasks], fit.task_path, fit.limit,
+                               fit.batch_size, device, limits=fit.limits, subset=fit.subset, subset_seed=fit.subset_seed)}
+    if cfg.test and test:
+        out["test"] = Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in cfg.test], fit.task_path, None, fit.batch_size, device)
+    return out
 
 
 def _reuse_requests(task) -> None:
@@ -209,6 +262,13 @@ def check_model_dir(path: Path) -> None:
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
             "copy the tokenizer files of its base model into it"
         )
+
+
+def _size(limit: int | float | None, n: int) -> int | None:
+    """Documents a limit keeps of ``n`` (lm-eval's rule: a fraction rounds up)."""
+    if limit is None:
+        return None
+    return math.ceil(n * limit) if isinstance(limit, float) else int(limit)
 
 
 def _check_limit(limit: int | float | None) -> int | float | None:

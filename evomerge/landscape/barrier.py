@@ -22,7 +22,9 @@ from ..merge.live import MemorySource, live_state, to_model
 from ..recipe import Recipe, parse_recipe
 
 METHODS = ("linear", "slerp")
-ALIGNMENTS = ("weight", "activation")
+# weight / activation: permutations, then the heads' rotations (evomerge/align/rotations.py);
+# with -perm: permutations only (Git Re-Basin as published)
+ALIGNMENTS = ("weight", "activation", "weight-perm", "activation-perm")
 ALIGNED = "{b} (aligned)"  # the source name of B permuted onto A
 
 
@@ -107,8 +109,11 @@ def scan(a_dir: str, b_dir: str, calibration, method: str = "linear", align: tup
         ref_state, other_state = a.load_all(), b.load_all()
         for how in align:
             name = ALIGNED.format(b=b_dir)
-            aligned = permute_onto(ref_state, other_state, a.config, how, batches if how == "activation" else None)
-            variants.append((f"{how} matching", name, {name: MemorySource(b.path, b.config, aligned)}))
+            matching, _, perm_only = how.partition("-")
+            aligned = permute_onto(ref_state, other_state, a.config, matching, batches if matching == "activation" else None,
+                                   rotate=not perm_only)
+            label = f"{matching} matching" + (", permutations only" if perm_only else " + rotations")
+            variants.append((label, name, {name: MemorySource(b.path, b.config, aligned)}))
     paths, model = [], None
     for label, b_ref, extra in variants:
         sources = {str(a_dir): a, **extra}

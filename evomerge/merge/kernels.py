@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from evomerge.errors import UserError, nearest
-from evomerge.merge import fisher, linear, passthrough, regmean, slerp, sparsify, task_vector
+from evomerge.merge import fisher, karcher, linear, model_stock, nearswap, passthrough, regmean, slerp, sparsify, task_vector
 from evomerge.merge.task_vector import SORTED_ABS
 
 
@@ -59,7 +59,8 @@ INT8_MASK = ParamSpec("int8_mask", per_model=False, default=False)
 
 # Valid ranges beyond "a finite number": (low, high, low inclusive, high inclusive).
 _RANGES = {"density": (0.0, 1.0, False, True), "gamma": (0.0, 1.0, True, False), "alpha": (0.0, 1.0, True, True),
-           "ratio": (0.0, 1.0, True, True), "beta": (0.0, 1.0, True, True), "floor": (0.0, math.inf, False, False)}
+           "ratio": (0.0, 1.0, True, True), "beta": (0.0, 1.0, True, True), "floor": (0.0, math.inf, False, False),
+           "max_iter": (1.0, math.inf, True, False), "tol": (0.0, math.inf, False, False)}
 # Kernels whose keep rule ranks |delta|: a caller may pass each source's sorted_abs.
 _RANKS_MAGNITUDES = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
 
@@ -148,6 +149,15 @@ KERNELS: dict[str, Kernel] = {
         _task_vector("dare_ties", "random", consensus=True, normalize=False, rescale="l1"),
         _task_vector("breadcrumbs", "magnitude_outliers", consensus=False, normalize=False, rescale="none"),
         _task_vector("breadcrumbs_ties", "magnitude_outliers", consensus=True, normalize=False, rescale="none"),
+        # Jang et al. 2024; mergekit's model_stock
+        _declare("model_stock", (ParamSpec("filter_wise", per_model=False, default=False),),
+                 uses_base=True, random=False, impl=model_stock.merge),
+        # the models' Riemannian mean on the sphere; mergekit's karcher
+        _declare("karcher", (ParamSpec("max_iter", per_model=False, default=10.0), ParamSpec("tol", per_model=False, default=1e-5)),
+                 uses_base=False, random=False, impl=karcher.merge),
+        # mergekit's nearswap: t is a distance in weight units (log-scale in practice)
+        _declare("nearswap", (ParamSpec("t", per_model=False, default=None, low=0.0, high=1e-2, tunable=True),),
+                 uses_base=True, random=False, impl=nearswap.merge),
         # Matena & Raffel 2022; each model's Fisher scaled to unit L2 norm (prepare.py)
         _declare("fisher", (WEIGHT_1, ParamSpec("floor", per_model=False, default=fisher.DEFAULT_FLOOR)),
                  uses_base=False, random=False, impl=_fisher, stats="fisher"),

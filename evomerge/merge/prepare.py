@@ -151,7 +151,8 @@ def _aligned(recipe: Recipe, sources: dict) -> dict:
         if other == reference:
             continue
         src = sources[other]
-        state = align(ref_state, {n: src.get(n) for n in src.entries}, ref_src.config, recipe.align.method, batches)
+        state = align(ref_state, {n: src.get(n) for n in src.entries}, ref_src.config, recipe.align.method, batches,
+                      rotate=recipe.align.rotate)
         sources[other] = MemorySource(src.path, src.config, state)
     return sources
 

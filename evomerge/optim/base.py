@@ -23,6 +23,9 @@ class Optimizer(ABC):
 
     dim: int
     popsize: int
+    # a multi-objective backend learns from each candidate's objective vector (one value per
+    # fitness term, all maximized) instead of the weighted fitness
+    multi_objective: bool = False
 
     def __init__(self, dim: int, popsize: int) -> None:
         self.dim = dim
@@ -30,6 +33,7 @@ class Optimizer(ABC):
         self._generation = 0
         self._pending: list[np.ndarray] | None = None  # asked, not yet told
         self._worst: float | None = None  # worst finite fitness told so far
+        self._worst_objectives: list[float] | None = None  # per objective, likewise
 
     @property
     def generation(self) -> int:
@@ -46,11 +50,12 @@ class Optimizer(ABC):
             self._pending = [np.array(g, dtype=np.float64) for g in self._ask()]
         return [g.copy() for g in self._pending]
 
-    def tell(self, genomes: list[np.ndarray], fitnesses: list[float]) -> None:
-        """Report the fitness of the whole last generation, in the order it was asked.
+    def tell(self, genomes: list[np.ndarray], fitnesses: list[float], objectives: list[list[float]] | None = None) -> None:
+        """Report the fitness of the whole last generation, in the order it was asked
+        (and, for a multi-objective backend, each candidate's objective vector).
 
         A NaN or infinite fitness counts as the worst finite fitness seen so far (0.0
-        before any), so one broken candidate cannot derail the search.
+        before any), so one broken candidate cannot derail the search; likewise per objective.
         """
         if self._pending is None:
             raise ValueError("tell() without a pending ask(); call ask() first")
@@ -60,7 +65,12 @@ class Optimizer(ABC):
             raise ValueError("tell() takes exactly the genomes of the last ask(), all of them, in the order asked")
         if len(fitnesses) != len(genomes):
             raise ValueError(f"tell() got {len(fitnesses)} fitnesses for {len(genomes)} genomes")
-        self._tell(self._pending, self._finite(fitnesses))
+        if self.multi_objective:
+            if objectives is None or len(objectives) != len(genomes):
+                raise ValueError("a multi-objective backend needs one objective vector per genome")
+            self._tell_objectives(self._pending, self._finite_objectives(objectives))
+        else:
+            self._tell(self._pending, self._finite(fitnesses))
         self._pending = None
         self._generation += 1
 
@@ -73,6 +83,7 @@ class Optimizer(ABC):
             "generation": self._generation,
             "pending": None if self._pending is None else [g.copy() for g in self._pending],
             "worst": self._worst,
+            "worst_objectives": self._worst_objectives,
             "backend_state": self._state(),
         }
 
@@ -85,6 +96,7 @@ class Optimizer(ABC):
         self._generation = state["generation"]
         self._pending = None if state["pending"] is None else [g.copy() for g in state["pending"]]
         self._worst = state["worst"]
+        self._worst_objectives = state.get("worst_objectives")
         self._load_state(state["backend_state"])
 
     def _finite(self, fitnesses: list[float]) -> list[float]:
@@ -95,6 +107,19 @@ class Optimizer(ABC):
             self._worst = lowest if self._worst is None else min(self._worst, lowest)
         fill = 0.0 if self._worst is None else self._worst
         return np.where(finite, values, fill).tolist()
+
+    def _finite_objectives(self, objectives: list[list[float]]) -> list[list[float]]:
+        values = np.asarray(objectives, dtype=np.float64)
+        finite = np.isfinite(values)
+        lowest = np.where(finite, values, np.inf).min(0)
+        seen = np.isfinite(lowest)
+        worst = np.full(values.shape[1], np.nan) if self._worst_objectives is None else np.asarray(self._worst_objectives)
+        worst = np.where(seen, np.fmin(worst, lowest), worst)
+        self._worst_objectives = worst.tolist()
+        return np.where(finite, values, np.nan_to_num(worst, nan=0.0)[None, :]).tolist()
+
+    def _tell_objectives(self, genomes: list[np.ndarray], objectives: list[list[float]]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} is single-objective")
 
     # --- backend hooks -------------------------------------------------------
 

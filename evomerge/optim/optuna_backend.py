@@ -19,11 +19,11 @@ from evomerge.optim.base import Optimizer
 
 
 class _OptunaOptimizer(Optimizer):
-    def __init__(self, dim: int, popsize: int, sampler: optuna.samplers.BaseSampler) -> None:
+    def __init__(self, dim: int, popsize: int, sampler: optuna.samplers.BaseSampler, objectives: int = 1) -> None:
         super().__init__(dim, popsize)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per study and trial
         self._study = optuna.create_study(
-            storage=optuna.storages.InMemoryStorage(), sampler=sampler, direction="maximize"
+            storage=optuna.storages.InMemoryStorage(), sampler=sampler, directions=["maximize"] * objectives
         )
         self._trials: list[int] = []  # trial numbers of the pending generation
 
@@ -35,6 +35,11 @@ class _OptunaOptimizer(Optimizer):
     def _tell(self, genomes: list[np.ndarray], fitnesses: list[float]) -> None:
         for number, fitness in zip(self._trials, fitnesses):
             self._study.tell(number, fitness)
+        self._trials = []
+
+    def _tell_objectives(self, genomes: list[np.ndarray], objectives: list[list[float]]) -> None:
+        for number, values in zip(self._trials, objectives):
+            self._study.tell(number, list(values))
         self._trials = []
 
     def _state(self) -> dict[str, Any]:
@@ -73,3 +78,18 @@ class OptunaTPE(_OptunaOptimizer):
 
     def __init__(self, dim: int, popsize: int, *, seed: int, sigma0: float = 0.2, x0=None) -> None:
         super().__init__(dim, popsize, optuna.samplers.TPESampler(seed=seed))
+
+
+class OptunaNSGA2(_OptunaOptimizer):
+    """Optuna's NSGA-II (Deb et al. 2002): one objective per fitness term, all maximized.
+
+    The population is the search's popsize; generation 0 is sampled uniformly, later ones
+    by crossover and mutation of the non-dominated, crowding-sorted parents. ``x0`` and
+    ``sigma0`` are unused. The run dir keeps the Pareto front (``front.json``).
+    """
+
+    multi_objective = True
+
+    def __init__(self, dim: int, popsize: int, *, seed: int, sigma0: float = 0.2, x0=None, objectives: int = 2) -> None:
+        sampler = optuna.samplers.NSGAIISampler(population_size=popsize, seed=seed)
+        super().__init__(dim, popsize, sampler, objectives)

@@ -21,11 +21,17 @@ def best_entry(rd: RunDir) -> dict:
     return max(entries, key=lambda e: (e["fitness"], -e["eval_id"]))
 
 
-def best_recipe(rd: RunDir) -> tuple[Recipe, dict]:
+def best_recipe(rd: RunDir, pick: int | None = None, weights: list[float] | None = None) -> tuple[Recipe, dict]:
+    """The best entry's recipe, or a Pareto-front member's (by eval id, or by objective weights)."""
+    from .front import pick as pick_entry
     from .search import build_space
 
-    entry = best_entry(rd)
-    space = build_space(rd.load_config())
+    cfg = rd.load_config()
+    if pick is None and weights is None:
+        entry = best_entry(rd)
+    else:
+        entry = pick_entry(rd.read_history(), cfg, pick, weights)
+    space = build_space(cfg)
     return space.decode(np.array(entry["genome"])), entry
 
 
@@ -38,13 +44,16 @@ def to_mergekit(recipe: Recipe) -> str:
 
 
 def export(run_dir: str, out: str | None = None, fmt: str = "evomerge", model_dir: str | None = None,
-           device: str = "cpu", force: bool = False) -> str:
+           device: str = "cpu", force: bool = False, pick: int | None = None, weights: list[float] | None = None) -> str:
     rd = RunDir(run_dir)
     if fmt not in ("evomerge", "mergekit"):
         raise UserError(f"unknown format {fmt!r}; use evomerge or mergekit")
-    recipe, entry = best_recipe(rd)
+    if pick is not None and weights is not None:
+        raise UserError("give --pick or --weights, not both")
+    recipe, entry = best_recipe(rd, pick, weights)
     text = recipe.to_yaml() if fmt == "evomerge" else to_mergekit(recipe)
-    header = f"# best of {rd.path}: eval {entry['eval_id']}, fitness {entry['fitness']:.6f}\n"
+    which = "best" if pick is None and weights is None else "chosen"
+    header = f"# {which} of {rd.path}: eval {entry['eval_id']}, fitness {entry['fitness']:.6f}\n"
     if out:
         atomic_write_text(Path(out), header + text)
     if model_dir:

@@ -31,6 +31,8 @@ class RunDir:
         self.best = self.path / "best.yaml"
         self.log_file = self.path / "search.log"
         self.results = self.path / "results.md"
+        self.front = self.path / "front.json"  # multi-objective runs: the Pareto front
+        self.subsets = self.path / "subsets.json"  # the documents the fitness scores, per task
 
     def exists(self) -> bool:
         return self.config.is_file()
@@ -39,6 +41,9 @@ class RunDir:
         if self.path.exists() and any(self.path.iterdir()):
             raise UserError(f"run directory {self.path} already exists; resume it with `evomerge resume {self.path}` or choose another --run-dir")
         self.path.mkdir(parents=True, exist_ok=True)
+        self.write_config(cfg)
+
+    def write_config(self, cfg: SearchConfig) -> None:
         atomic_write_text(self.config, config_to_yaml(cfg))
 
     def load_config(self) -> SearchConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ..space.codec import SearchSpace
 from ..space.config import SearchConfig, load_search_config
 from ..workers.pool import make_pool
 from .final import format_table, score_table
+from .front import front_json, front_table, objectives, pareto_front
 from .rundir import RunDir
 
 MAX_ATTEMPTS = 3  # a candidate that fails this often is recorded as failed and the search goes on
@@ -63,6 +65,12 @@ def build_space(cfg: SearchConfig) -> SearchSpace:
     return SearchSpace(cfg, {ref: d.arch.num_layers for ref, d in dirs.items()})
 
 
+def new_optimizer(cfg: SearchConfig, space: SearchSpace):
+    o = cfg.optimizer
+    return make_optimizer(o.backend, space.dim, seed=o.seed, popsize=o.popsize, sigma0=o.sigma0,
+                          x0=space.default_x0(), objectives=len(cfg.fitness.tasks))
+
+
 def check_plan(space: SearchSpace) -> None:
     """Plan the starting recipe over the sources' headers: what every candidate shares (tied
     heads, shapes, dtypes, the routed layout) fails here, before a worker starts or a file is written."""
@@ -76,15 +84,12 @@ def check_plan(space: SearchSpace) -> None:
     plan(*prepare(recipe, open_sources(recipe)))
 
 
-def check_tasks(cfg: SearchConfig) -> None:
-    """Load the fitness tasks once here, so a bad task name fails before any worker starts."""
-    from ..fitness.evaluator import Evaluator
-    from ..fitness.terms import FitnessTerm
+def check_tasks(cfg: SearchConfig) -> dict | None:
+    """Load the fitness tasks once here, so a bad task name fails before any worker starts;
+    returns the documents the fitness scores per task (None: every document)."""
+    from ..fitness.evaluator import evaluators_for
 
-    fit = cfg.fitness
-    Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in fit.tasks], fit.task_path, fit.limit, fit.batch_size)
-    if cfg.test:
-        Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in cfg.test], fit.task_path, None, fit.batch_size)
+    return evaluators_for(cfg)["search"].samples
 
 
 def start(config_path: str, run_dir: str | None, overrides: Overrides, progress: bool = True) -> Path:
@@ -99,11 +104,15 @@ def start_config(cfg: SearchConfig, default_name: str, run_dir: str | None, over
     rd = RunDir(run_dir or Path("runs") / (cfg.name or default_name))
     if rd.path.exists() and any(rd.path.iterdir()):
         raise UserError(f"run directory {rd.path} already exists; resume it with `evomerge resume {rd.path}` or pass another --run-dir")
-    check_plan(build_space(cfg))
-    check_tasks(cfg)
+    space = build_space(cfg)
+    check_plan(space)
+    new_optimizer(cfg, space)  # a bad backend or budget fails here, before the run dir exists
+    samples = check_tasks(cfg)
     pool = _make_pool(cfg, overrides.ray_address)  # GPUs and CPUs are checked before anything is written
     try:
         rd.create(cfg)
+        if samples is not None:
+            atomic_write_text(rd.subsets, json.dumps(samples, indent=0, sort_keys=True) + "\n")
     except BaseException:
         pool.close()
         raise
@@ -116,9 +125,13 @@ def _make_pool(cfg: SearchConfig, ray_address: str | None):
     return make_pool(cfg.model_dump(mode="json"), w.count, w.gpus_per_worker, w.cpus_per_worker, ray_address)
 
 
-def resume(run_dir: str, config_path: str | None = None, ray_address: str | None = None, progress: bool = True) -> Path:
+def resume(run_dir: str, config_path: str | None = None, ray_address: str | None = None, progress: bool = True,
+           max_evals: int | None = None) -> Path:
+    """Continue a run; ``max_evals`` raises (or lowers, down to what is done) its budget."""
     rd = RunDir(run_dir)
     cfg = rd.load_config()
+    if max_evals is not None and max_evals != cfg.optimizer.max_evals:
+        cfg = _new_budget(rd, cfg, max_evals)
     if config_path is not None:
         new = load_search_config(config_path)
         # CLI overrides frozen into the run are not a change of config
@@ -129,6 +142,22 @@ def resume(run_dir: str, config_path: str | None = None, ray_address: str | None
             raise UserError(f"{config_path} differs from the run's frozen config ({'; '.join(diff[:4])}); start a new run for a new config")
     rd.log("resumed")
     return run(rd, ray_address, progress)
+
+
+def _new_budget(rd: RunDir, cfg: SearchConfig, max_evals: int) -> SearchConfig:
+    """The frozen config with another max_evals, written before anything else runs."""
+    pop = cfg.optimizer.popsize
+    done = len(rd.read_history())
+    if max_evals < max(done, 1):
+        raise UserError(f"--max-evals {max_evals} is below the {done} evaluations this run has done; pass at least {done}")
+    ckpt = rd.load_checkpoint()
+    told = (ckpt or {}).get("generation", 0) * pop
+    if max_evals < told:
+        raise UserError(f"--max-evals {max_evals} is below the {told} evaluations already told to the optimizer")
+    new = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"max_evals": max_evals})})
+    rd.write_config(new)
+    rd.log(f"max_evals {cfg.optimizer.max_evals} -> {max_evals}")
+    return new
 
 
 def _diff(a, b, path="") -> list[str]:
@@ -144,7 +173,7 @@ def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=
     cfg = rd.load_config()
     search = _Search(rd, cfg, pool or _make_pool(cfg, ray_address), progress)
     try:
-        while search.opt.generation < search.generations:
+        while search.opt.generation < search.generations and not search.stop_early():
             search.generation()
         search.finish()
     finally:
@@ -159,8 +188,7 @@ class _Search:
         self.rd, self.cfg, self.pool, self.progress = rd, cfg, pool, progress
         self.space = build_space(cfg)
         o = cfg.optimizer
-        self.opt = make_optimizer(o.backend, self.space.dim, seed=o.seed, popsize=o.popsize, sigma0=o.sigma0,
-                                  x0=self.space.default_x0())
+        self.opt = new_optimizer(cfg, self.space)
         ckpt = rd.load_checkpoint()
         if ckpt is not None:
             self.opt.load_state_dict(ckpt["optimizer"])
@@ -169,6 +197,8 @@ class _Search:
         self.cache = {e["recipe_hash"]: e for e in history if e.get("error") is None and e.get("fitness") is not None}
         self.best = max((e for e in history if e.get("fitness") is not None), key=lambda e: e["fitness"], default=None)
         self.generations = math.ceil(o.max_evals / o.popsize)
+        self.elapsed_before = (ckpt or {}).get("elapsed_s", 0.0)  # search time of earlier sessions
+        self.started = time.monotonic()
         total = self.generations * o.popsize
         self.bar = tqdm(total=total, initial=min(len(self.done), total), desc="search", unit="cand",
                         disable=not progress, dynamic_ncols=True)
@@ -215,9 +245,36 @@ class _Search:
             raise UserError(f"every candidate of generation {gen} failed, the first with: {entries[0]['error']}; "
                             "fix the search config (errors per candidate are in history.jsonl)")
         # failed candidates tell the optimizer NaN, which it maps to the worst value seen
-        self.opt.tell(genomes, [e["fitness"] if e["fitness"] is not None else float("nan") for e in entries])
-        self.rd.save_checkpoint({"optimizer": self.opt.state_dict(), "generation": self.opt.generation})
+        vectors = None
+        if self.opt.multi_objective:
+            nan = [float("nan")] * len(self.cfg.fitness.tasks)
+            vectors = [objectives(e, self.cfg) or nan for e in entries]
+        self.opt.tell(genomes, [e["fitness"] if e["fitness"] is not None else float("nan") for e in entries], vectors)
+        if self.opt.multi_objective:
+            self._write_front()
+        self.rd.save_checkpoint({"optimizer": self.opt.state_dict(), "generation": self.opt.generation,
+                                 "elapsed_s": self.elapsed()})
         self.rd.log(f"generation {gen} done: best {self.best['fitness'] if self.best else None}")
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def stop_early(self) -> bool:
+        """Whether the config's patience or wall-time budget ends the run here (a generation's end).
+
+        Patience reads only the history, so a resumed run stops where an uninterrupted one
+        would; the wall-time budget is the one stop that depends on the machine."""
+        o, gen = self.cfg.optimizer, self.opt.generation
+        why = None
+        if o.patience is not None and self.best is not None and gen - 1 - self.best["generation"] >= o.patience:
+            why = f"no improvement for {gen - 1 - self.best['generation']} generations (patience {o.patience})"
+        elif o.max_wall_s is not None and self.elapsed() >= o.max_wall_s:
+            why = f"search time {self.elapsed():.0f} s reached max_wall_s {o.max_wall_s:g}"
+        if why:
+            self.rd.log(f"stopped after generation {gen - 1}: {why}")
+            if self.progress:
+                self.bar.write(f"stopped early: {why}")
+        return why is not None
 
     def _record(self, gen: int, i: int, genome, h: str, result: dict, error: str | None, cached: bool) -> dict:
         entry = {"eval_id": gen * self.cfg.optimizer.popsize + i, "generation": gen, "genome": [float(v) for v in genome],
@@ -236,6 +293,11 @@ class _Search:
             atomic_write_text(self.rd.best, self.space.decode(np.array(entry["genome"])).to_yaml())
             self.bar.set_postfix(gen=entry["generation"], best=f"{entry['fitness']:.4f}")
 
+    def _write_front(self) -> list[dict]:
+        front = pareto_front(self.rd.read_history(), self.cfg)
+        atomic_write_text(self.rd.front, json.dumps(front_json(front, self.cfg), indent=1) + "\n")
+        return front
+
     def finish(self) -> None:
         """The summary line and, when the config names test tasks, the comparison table."""
         utilization = self.pool.usage.utilization(self.pool.size)
@@ -248,6 +310,12 @@ class _Search:
         rd.log(summary)
         if self.progress:
             print(summary)
+        if self.opt.multi_objective:
+            front = self._write_front()
+            rd.log(f"Pareto front: {len(front)} candidates, in front.json")
+            if self.progress:
+                print(f"Pareto front on the search tasks ({len(front)}; export one with `evomerge export {rd.path} --pick EVAL`):")
+                print(front_table(front, self.cfg))
         if self.cfg.test:
             order, results = score_table(self.pool, self.cfg, self.space.decode(np.array(best["genome"])))
             table = format_table(self.cfg, order, results)

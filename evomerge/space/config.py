@@ -88,7 +88,13 @@ class TermConfig(_Frozen):
 
 class FitnessConfig(_Frozen):
     tasks: list[TermConfig]
-    limit: Optional[int] = None
+    limit: Optional[int] = None  # documents per task (default: all)
+    limits: dict[str, int] = {}  # per task, overriding limit
+    # which documents a limit keeps: a seeded random subset, the same for every candidate of a
+    # run and recorded in its subsets.json, or lm-eval's first N (a biased sample when the
+    # data is ordered)
+    subset: Literal["random", "first"] = "random"
+    subset_seed: int = 0
     batch_size: int = 64
     task_path: Optional[str] = None  # directory of lm-eval task YAMLs; default: the shipped evomerge/tasks/
 
@@ -106,6 +112,24 @@ class OptimizerConfig(_Frozen):
     sigma0: float = 0.2
     seed: int = 0
     max_evals: int = 64
+    # stop early, at a generation's end: when the best has not improved for this many
+    # generations, or when the run's search time (all sessions together) passes max_wall_s
+    patience: Optional[int] = None
+    max_wall_s: Optional[float] = None
+
+    @field_validator("patience")
+    @classmethod
+    def _patience(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"patience {v} must be >= 1 generation")
+        return v
+
+    @field_validator("max_wall_s")
+    @classmethod
+    def _wall(cls, v):
+        if v is not None and not v > 0:
+            raise ValueError(f"max_wall_s {v} must be > 0 seconds")
+        return v
 
     @field_validator("popsize")
     @classmethod

@@ -19,7 +19,6 @@ from ..fitness.env import set_offline_env
 set_offline_env()
 
 from ..errors import UserError  # noqa: E402
-from ..fitness.terms import FitnessTerm  # noqa: E402
 from ..merge.kernels import get_kernel  # noqa: E402
 from ..merge.materialize import compute, plan  # noqa: E402
 from ..merge.prepare import stats_sources  # noqa: E402
@@ -50,7 +49,7 @@ class CandidateWorker:
     def _start(self, config: dict, device: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..fitness.evaluator import Evaluator
+        from ..fitness.evaluator import evaluators_for
 
         import logging
 
@@ -75,12 +74,7 @@ class CandidateWorker:
         self.candidate_tensors = self.candidate.state_dict()
         arch = self.sources[home].arch
         self.routed = RoutedBuilder(arch.layer_prefix, arch.layer_count_key, device, self.compute_dtype)
-        fit = self.cfg.fitness
-        self.evaluators = {
-            "search": Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in fit.tasks], fit.task_path, fit.limit, fit.batch_size, device),
-        }
-        if self.cfg.test:
-            self.evaluators["test"] = Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in self.cfg.test], fit.task_path, None, fit.batch_size, device)
+        self.evaluators = evaluators_for(self.cfg, device)
 
     def ping(self) -> str | None:
         """None once the worker is ready, else why it could not start."""
