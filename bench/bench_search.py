@@ -6,11 +6,12 @@
     python bench/bench_search.py cma-vs-random [--evals 60] [--seeds 0 1 2]
         runs the toy PS search with CMA-ES and with random search at the same budget and
         prints the best recipe's test-split mean for each seed and the medians.
-    python bench/bench_search.py subsets [--limit 64] [--seeds 0 1 2]
+    python bench/bench_search.py subsets [--limit 64] [--racing 16] [--seeds 0 1 2]
         runs the toy PS search with its full fitness and with each task scored on a seeded
-        random subset of --limit documents, per optimizer seed: the best recipe's test mean
-        for each, the medians, and the ratio of forward tokens (the fitness's tokens per
-        candidate, times the candidates scored).
+        random subset of --limit documents (and, with --racing N, that subset raced: N
+        documents per task first), per optimizer seed: the best recipe's test mean for each,
+        the medians, and the ratio of forward tokens (each candidate's documents' tokens,
+        summed over the candidates scored).
 """
 
 from __future__ import annotations
@@ -60,43 +61,72 @@ def test_mean(run_dir: Path) -> float:
 
 def cma_vs_random(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="evomerge_cma_vs_random_"))
-    cfg_text = Path(args.config).read_text()
     means: dict[str, list[float]] = {"cma": [], "random": []}
     for backend in means:
-        cfg = Path(args.config).parent / f".bench_{backend}.yaml"
-        cfg.write_text(cfg_text.replace("backend: cma", f"backend: {backend}"))
-        try:
-            for seed in args.seeds:
-                run_dir = root / f"{backend}_{seed}"
-                wall = run_search(cfg, run_dir, "--max-evals", str(args.evals), "--seed", str(seed))
-                means[backend].append(test_mean(run_dir))
-                print(f"{backend:6s} seed {seed}: best recipe test mean {means[backend][-1]:.3f} ({wall:.0f} s)")
-        finally:
-            cfg.unlink()
+        cfg = variant(Path(args.config), root / f"{backend}.yaml", optimizer={"backend": backend})
+        for seed in args.seeds:
+            run_dir = root / f"{backend}_{seed}"
+            wall = run_search(cfg, run_dir, "--max-evals", str(args.evals), "--seed", str(seed))
+            means[backend].append(test_mean(run_dir))
+            print(f"{backend:6s} seed {seed}: best recipe test mean {means[backend][-1]:.3f} ({wall:.0f} s)")
     for backend, vals in means.items():
         print(f"{backend:6s} median over seeds {args.seeds}: {statistics.median(vals):.3f}")
     print(f"cma - random (median): {statistics.median(means['cma']) - statistics.median(means['random']):+.3f}")
 
 
-def fitness_tokens(config: Path, limit: int | None) -> tuple[int, int]:
-    """(documents, tokens) one candidate's fitness scores: context + continuation per document."""
+def variant(config: Path, out: Path, **sections) -> Path:
+    """A copy of ``config`` in ``out`` (a scratch folder, never the repo), its model paths made
+    absolute, with top-level ``sections`` replaced (``optimizer`` merged into the original's)."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    here = config.resolve().parent
+
+    def absolute(p: str) -> str:
+        return p if p == "merge" or Path(p).is_absolute() else str((here / p).resolve())
+
+    data["base_model"] = absolute(data["base_model"]) if data.get("base_model") else None
+    data["models"] = [absolute(m) for m in data["models"]]
+    if data.get("dfs", {}).get("sources"):
+        data["dfs"]["sources"] = [absolute(m) for m in data["dfs"]["sources"]]
+    if "optimizer" in sections:
+        sections["optimizer"] = {**data.get("optimizer", {}), **sections["optimizer"]}
+    data.update(sections)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def fitness_tokens(config: Path) -> dict[str, tuple[int, int]]:
+    """Per evaluator the search uses ("search", and "search_first" / "search_rest" when raced):
+    (documents, tokens) it scores per candidate, context + continuation per document."""
+    from transformers import AutoTokenizer
+
     from evomerge.fitness.evaluator import evaluators_for
     from evomerge.space.config import load_search_config
 
     cfg = load_search_config(str(config))
-    cfg = cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"limit": limit})})
-    ev = evaluators_for(cfg, test=False)["search"]
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
-    docs = tokens = 0
-    for name, task in ev._task_dict["tasks"].items():
-        keep = ev.samples[name] if ev.samples is not None else range(len(task.eval_docs))
-        for i in keep:
-            doc = task.eval_docs[i]
-            text = task.doc_to_text(doc) + task.config.target_delimiter + str(task.doc_to_target(doc))
-            docs, tokens = docs + 1, tokens + len(tok(text)["input_ids"])
-    return docs, tokens
+    out = {}
+    for key, ev in evaluators_for(cfg, test=False).items():
+        docs = tokens = 0
+        for name, task in ev._task_dict["tasks"].items():
+            keep = ev.samples[name] if ev.samples is not None else range(len(task.eval_docs))
+            for i in keep:
+                doc = task.eval_docs[i]
+                text = task.doc_to_text(doc) + task.config.target_delimiter + str(task.doc_to_target(doc))
+                docs, tokens = docs + 1, tokens + len(tok(text)["input_ids"])
+        out[key] = docs, tokens
+    return out
+
+
+def run_tokens(run_dir: Path, per: dict[str, tuple[int, int]]) -> tuple[int, int, int]:
+    """(candidates scored, raced off, forward tokens) of a run, from its history."""
+    scored = [e for e in history(run_dir) if not e.get("cached") and e.get("error") is None]
+    if "search_first" not in per:
+        return len(scored), 0, len(scored) * per["search"][1]
+    stopped = sum(1 for e in scored if e.get("stage") == "first")
+    first, rest = per["search_first"][1], per["search_rest"][1]
+    return len(scored), stopped, len(scored) * first + (len(scored) - stopped) * rest
 
 
 def subsets(args) -> None:
@@ -104,36 +134,35 @@ def subsets(args) -> None:
 
     root = Path(tempfile.mkdtemp(prefix="evomerge_subsets_"))
     base = yaml.safe_load(Path(args.config).read_text())
-    variants = {"full": None, f"random {args.limit}": args.limit}
+    variants = {"full": {}, f"random {args.limit}": {"limit": args.limit}}
+    if args.racing:
+        racing = {"first": args.racing, "keep": max(2, base["optimizer"]["popsize"] // 4)}
+        variants[f"raced {args.racing}/{args.limit}"] = {"limit": args.limit, "racing": racing}
     rows = {name: [] for name in variants}
-    for name, limit in variants.items():
-        data = {**base, "fitness": {**base["fitness"], "limit": limit}}
-        cfg = Path(args.config).parent / f".bench_subsets_{limit}.yaml"  # beside the original: same relative paths
-        cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-        try:
-            docs, tokens = fitness_tokens(cfg, limit)
-            for seed in args.seeds:
-                run_dir = root / f"{limit}_{seed}"
-                wall = run_search(cfg, run_dir, "--seed", str(seed))
-                scored = sum(1 for e in history(run_dir) if not e.get("cached") and e.get("error") is None)
-                rows[name].append((test_mean(run_dir), scored * tokens, wall))
-                print(f"{name:12s} seed {seed}: best test mean {rows[name][-1][0]:.3f}, {scored} candidates x {docs} docs "
-                      f"({tokens} tokens) = {scored * tokens:,} forward tokens, {wall:.0f} s", flush=True)
-        finally:
-            cfg.unlink()
-    full, sub = rows["full"], rows[f"random {args.limit}"]
+    for k, (name, fitness) in enumerate(variants.items()):
+        cfg = variant(Path(args.config), root / f"variant{k}.yaml", fitness={**base["fitness"], **fitness})
+        per = fitness_tokens(cfg)
+        for seed in args.seeds:
+            run_dir = root / f"{k}_{seed}"
+            wall = run_search(cfg, run_dir, "--seed", str(seed))
+            scored, stopped, tokens = run_tokens(run_dir, per)
+            rows[name].append((test_mean(run_dir), tokens, wall))
+            print(f"{name:14s} seed {seed}: best test mean {rows[name][-1][0]:.3f}, {scored} candidates "
+                  f"({stopped} raced off), {tokens:,} forward tokens, {wall:.0f} s", flush=True)
     med = {n: statistics.median(v[0] for v in r) for n, r in rows.items()}
     for n in rows:
-        print(f"{n:12s} median best test mean over seeds {args.seeds}: {med[n]:.3f}")
-    ratio = sum(v[1] for v in full) / sum(v[1] for v in sub)
-    print(f"forward tokens, full / subset: {ratio:.2f}x; test mean difference (median): {med[f'random {args.limit}'] - med['full']:+.3f}"
-          f"; wall full / subset: {sum(v[2] for v in full) / sum(v[2] for v in sub):.2f}x")
+        print(f"{n:14s} median best test mean over seeds {args.seeds}: {med[n]:.3f}")
+    full = rows["full"]
+    for n, r in list(rows.items())[1:]:
+        print(f"{n}: forward tokens full / this {sum(v[1] for v in full) / sum(v[1] for v in r):.2f}x, "
+              f"test mean difference (median) {med[n] - med['full']:+.3f}, wall full / this {sum(v[2] for v in full) / sum(v[2] for v in r):.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["overhead", "cma-vs-random", "subsets"])
     ap.add_argument("--limit", type=int, default=64, help="subsets: documents per task")
+    ap.add_argument("--racing", type=int, default=0, help="subsets: also race the subset, this many documents per task first")
     ap.add_argument("--config", default=str(REPO / "search_spaces" / "toy_ps.yaml"))
     ap.add_argument("--evals", type=int, default=60)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

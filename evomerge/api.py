@@ -47,15 +47,16 @@ def merge(recipe: str | Path | dict | Recipe, out_dir: str | Path, *, seed: int 
 
 def evaluate(model: str | Path | tuple, tasks: str | list[str], *, limit: float | None = None,
              task_path: str | None = None, batch_size: int = 64, device: str = "cpu", compute_dtype: str = "auto",
-             metric: str = "acc"):
+             metric: str = "acc", samples: dict[str, list[int]] | None = None):
     """Score a model dir (or a live ``(model, tokenizer)`` pair) on lm-eval tasks: a
     ``Result`` with ``.scores`` ({task: {metric: value}}) and ``.fitness`` (their weighted mean).
-    ``tasks``: names as `evomerge eval --tasks` takes them (``task[:metric[:weight]]``)."""
+    ``tasks``: names as `evomerge eval --tasks` takes them (``task[:metric[:weight]]``);
+    ``samples``: per task, the documents to score (a search run's subsets.json)."""
     from .fitness.evaluator import Evaluator
     from .fitness.terms import parse_terms
 
     spec = tasks if isinstance(tasks, str) else ",".join(tasks)
-    evaluator = Evaluator(parse_terms(spec, metric=metric), task_path, limit, batch_size, device)
+    evaluator = Evaluator(parse_terms(spec, metric=metric), task_path, limit, batch_size, device, samples=samples)
     if isinstance(model, tuple):
         live, tokenizer = model
         return evaluator.score_model(live, tokenizer)

@@ -38,11 +38,30 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def read_subsets(path: str) -> dict[str, list[int]]:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; a search run writes RUN_DIR/subsets.json when its fitness scores a subset") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not JSON ({e.msg}, line {e.lineno}); pass a run's subsets.json") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in data.values()):
+        raise UserError(f"{path} is not a subsets file: it maps each task to a list of document indices")
+    return data
+
+
 def cmd_eval(args) -> int:
     from .api import evaluate
 
+    samples = None
+    if args.subsets is not None:
+        if args.limit is not None:
+            raise UserError("give --limit or --subsets, not both")
+        samples = read_subsets(args.subsets)
     result = evaluate(args.model_dir, args.tasks, limit=args.limit, task_path=args.task_path, batch_size=args.batch_size,
-                      device=args.device, compute_dtype=args.compute_dtype, metric=args.metric)
+                      device=args.device, compute_dtype=args.compute_dtype, metric=args.metric, samples=samples)
     print(result.to_json() if args.json else result.table())
     return 0
 
@@ -142,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
                    help="dtype of the forward passes; auto (default): float32 on a CPU, the stored dtype on a GPU, as in the search's workers")
     p.add_argument("--json", action="store_true", help='print {"scores": ..., "fitness": ...} as one JSON object')
+    p.add_argument("--subsets", default=None, metavar="SUBSETS_JSON",
+                   help="score the documents a search run scored (its RUN_DIR/subsets.json) instead of --limit's first N")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("zoo", help="the toy model family that makes the default search work offline")

@@ -121,9 +121,11 @@ def test_fold_differs_from_scaled_inputs_at_realistic_scale(real_zoo, tmp_path):
     assert rel > 1e-3, rel
 
 
-def _eval_json(model: Path, tasks: str, limit: int, capsys) -> dict:
+def _eval_json(model: Path, tasks: str, limit: int | Path, capsys) -> dict:
+    """`evomerge eval --json`: on the first ``limit`` documents, or on a run's subsets.json."""
     capsys.readouterr()
-    assert main(["eval", str(model), "--tasks", tasks, "--limit", str(limit), "--json"]) == 0
+    pick = ["--subsets", str(limit)] if isinstance(limit, Path) else ["--limit", str(limit)]
+    assert main(["eval", str(model), "--tasks", tasks, *pick, "--json"]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -142,7 +144,7 @@ def test_search_fitness_equals_eval_of_its_export(real_zoo, tmp_path, capsys, sp
     hist = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     best = max((e for e in hist if e["fitness"] is not None), key=lambda e: (e["fitness"], -e["eval_id"]))
     assert main(["export", str(run), "--model", str(tmp_path / "model")]) == 0
-    got = _eval_json(tmp_path / "model", f"{a}_search:logprob,{b}_search:logprob", 6, capsys)
+    got = _eval_json(tmp_path / "model", f"{a}_search:logprob,{b}_search:logprob", run / "subsets.json", capsys)
     assert got["fitness"] == pytest.approx(best["fitness"], rel=1e-5, abs=0)
     if space != "ps":
         slots = yaml.safe_load((run / "best.yaml").read_text())["routing"]["slots"]

@@ -180,3 +180,23 @@ def test_weight_in_cli_string_that_is_not_a_number():
 def test_bad_limit():
     with pytest.raises(UserError, match="limit"):
         Evaluator(parse_terms("mir_test"), limit=0)
+
+
+def test_eval_on_a_runs_subsets_and_its_bad_inputs(tiny_zoo, tmp_path, capsys):
+    from evomerge.cli import main
+
+    subsets = tmp_path / "subsets.json"
+    subsets.write_text(json.dumps({"mir_search": [3, 7, 150]}))
+    capsys.readouterr()
+    assert main(["eval", str(tiny_zoo / "mir"), "--tasks", "mir_search:logprob", "--subsets", str(subsets), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = Evaluator(parse_terms("mir_search:logprob"), samples={"mir_search": [3, 7, 150]}).score_dir(tiny_zoo / "mir")
+    assert got["fitness"] == want.fitness
+    assert want.fitness != Evaluator(parse_terms("mir_search:logprob"), limit=3).score_dir(tiny_zoo / "mir").fitness
+    for args, fragment in ((["--subsets", str(tmp_path / "none.json")], "does not exist"),
+                           (["--subsets", str(subsets), "--limit", "3"], "not both")):
+        assert main(["eval", str(tiny_zoo / "mir"), "--tasks", "mir_search", *args]) == 2
+        assert fragment in capsys.readouterr().err
+    subsets.write_text(json.dumps({"mir_search": [5000]}))
+    assert main(["eval", str(tiny_zoo / "mir"), "--tasks", "mir_search", "--subsets", str(subsets)]) == 2
+    assert "outside its 200" in capsys.readouterr().err

@@ -20,12 +20,23 @@ def sphere(x: np.ndarray) -> float:
     return -float(np.sum((x - 0.7) ** 2))
 
 
+def make(name: str, dim: int, **kwargs) -> Optimizer:
+    """``make_optimizer``, with two objectives for a multi-objective backend."""
+    return make_optimizer(name, dim, objectives=2, **kwargs)
+
+
+def tell(opt: Optimizer, genomes, fitnesses) -> None:
+    """Tell fitnesses; a multi-objective backend also gets (fitness, a second objective)."""
+    vectors = [[f, -abs(f - 0.1) if np.isfinite(f) else f] for f in fitnesses] if opt.multi_objective else None
+    opt.tell(genomes, fitnesses, vectors)
+
+
 def run(opt: Optimizer, generations: int, fitness=sphere) -> list[list[np.ndarray]]:
     """Ask and tell ``generations`` times; return every generation asked."""
     asked = []
     for _ in range(generations):
         genomes = opt.ask()
-        opt.tell(genomes, [fitness(g) for g in genomes])
+        tell(opt, genomes, [fitness(g) for g in genomes])
         asked.append(genomes)
     return asked
 
@@ -40,27 +51,27 @@ def name(request) -> str:
 
 
 def test_same_seed_gives_same_asks(name):
-    a = run(make_optimizer(name, DIM, seed=7, popsize=POP), 3)
-    b = run(make_optimizer(name, DIM, seed=7, popsize=POP), 3)
+    a = run(make(name, DIM, seed=7, popsize=POP), 3)
+    b = run(make(name, DIM, seed=7, popsize=POP), 3)
     assert same(a, b)
 
 
 def test_different_seeds_give_different_asks(name):
-    a = run(make_optimizer(name, DIM, seed=7, popsize=POP), 3)
-    b = run(make_optimizer(name, DIM, seed=8, popsize=POP), 3)
+    a = run(make(name, DIM, seed=7, popsize=POP), 3)
+    b = run(make(name, DIM, seed=8, popsize=POP), 3)
     assert not np.array_equal(np.stack(a[0]), np.stack(b[0]))
     assert not same(a, b)
 
 
 @pytest.mark.parametrize("interrupt_after", [1, 2])
 def test_pickled_state_continues_identically(name, interrupt_after):
-    uninterrupted = make_optimizer(name, DIM, seed=3, popsize=POP)
+    uninterrupted = make(name, DIM, seed=3, popsize=POP)
     run(uninterrupted, interrupt_after)
     blob = pickle.dumps(uninterrupted.state_dict())
     expected = run(uninterrupted, 3)  # the snapshot must not follow these steps
 
     # A different seed proves the state, not the constructor, decides what comes next.
-    resumed = make_optimizer(name, DIM, seed=99, popsize=POP)
+    resumed = make(name, DIM, seed=99, popsize=POP)
     resumed.load_state_dict(pickle.loads(blob))
     assert resumed.generation == interrupt_after
     assert same(run(resumed, 3), expected)
@@ -68,25 +79,25 @@ def test_pickled_state_continues_identically(name, interrupt_after):
 
 
 def test_checkpoint_between_ask_and_tell_reasks_the_same_generation(name):
-    uninterrupted = make_optimizer(name, DIM, seed=4, popsize=POP)
+    uninterrupted = make(name, DIM, seed=4, popsize=POP)
     run(uninterrupted, 1)
     in_flight = uninterrupted.ask()
     blob = pickle.dumps(uninterrupted.state_dict())
     assert same([uninterrupted.ask()], [in_flight])  # asking again is idempotent
-    uninterrupted.tell(in_flight, [sphere(g) for g in in_flight])
+    tell(uninterrupted, in_flight, [sphere(g) for g in in_flight])
     expected = run(uninterrupted, 2)
 
-    resumed = make_optimizer(name, DIM, seed=4, popsize=POP)
+    resumed = make(name, DIM, seed=4, popsize=POP)
     resumed.load_state_dict(pickle.loads(blob))
     again = resumed.ask()
     assert same([again], [in_flight])
-    resumed.tell(again, [sphere(g) for g in again])
+    tell(resumed, again, [sphere(g) for g in again])
     assert same(run(resumed, 2), expected)
 
 
 def test_genomes_have_the_right_shape_and_stay_in_bounds(name):
     # Start in a corner and reward leaving the box, so bound handling is exercised.
-    opt = make_optimizer(name, DIM, seed=1, popsize=POP, sigma0=0.5, x0=np.full(DIM, 0.95))
+    opt = make(name, DIM, seed=1, popsize=POP, sigma0=0.5, x0=np.full(DIM, 0.95))
     for genomes in run(opt, 6, fitness=lambda x: float(np.sum(x))):
         assert len(genomes) == POP
         for g in genomes:
@@ -98,9 +109,9 @@ def test_genomes_have_the_right_shape_and_stay_in_bounds(name):
 def test_leaves_numpy_global_rng_alone(name):
     np.random.seed(12345)
     before = np.random.get_state()
-    opt = make_optimizer(name, DIM, seed=2, popsize=POP)
+    opt = make(name, DIM, seed=2, popsize=POP)
     run(opt, 3)
-    fresh = make_optimizer(name, DIM, seed=5, popsize=POP)
+    fresh = make(name, DIM, seed=5, popsize=POP)
     fresh.load_state_dict(pickle.loads(pickle.dumps(opt.state_dict())))
     run(fresh, 2)
     after = np.random.get_state()
@@ -108,42 +119,42 @@ def test_leaves_numpy_global_rng_alone(name):
 
 
 def test_non_finite_fitness_is_tolerated(name):
-    opt = make_optimizer(name, DIM, seed=6, popsize=POP)
+    opt = make(name, DIM, seed=6, popsize=POP)
     bad = [np.nan, np.inf, -np.inf]
     genomes = opt.ask()
-    opt.tell(genomes, [np.nan] * POP)  # nothing finite seen yet
+    tell(opt, genomes, [np.nan] * POP)  # nothing finite seen yet
     for _ in range(3):
         genomes = opt.ask()
-        opt.tell(genomes, [bad[i % 3] if i % 2 else sphere(g) for i, g in enumerate(genomes)])
+        tell(opt, genomes, [bad[i % 3] if i % 2 else sphere(g) for i, g in enumerate(genomes)])
     last = np.stack(opt.ask())
     assert np.all(np.isfinite(last)) and np.all((last >= 0.0) & (last <= 1.0))
 
 
 def test_tell_rejects_what_was_not_asked(name):
-    opt = make_optimizer(name, DIM, seed=0, popsize=POP)
+    opt = make(name, DIM, seed=0, popsize=POP)
     with pytest.raises(ValueError, match="ask"):
-        opt.tell([np.zeros(DIM)] * POP, [0.0] * POP)
+        tell(opt, [np.zeros(DIM)] * POP, [0.0] * POP)
     genomes = opt.ask()
     with pytest.raises(ValueError, match="genomes of the last ask"):
-        opt.tell([g + 1e-9 for g in genomes], [0.0] * POP)
+        tell(opt, [g + 1e-9 for g in genomes], [0.0] * POP)
     with pytest.raises(ValueError, match="genomes of the last ask"):
-        opt.tell(genomes[::-1], [0.0] * POP)
+        tell(opt, genomes[::-1], [0.0] * POP)
     with pytest.raises(ValueError, match="genomes of the last ask"):
-        opt.tell(genomes[:-1], [0.0] * (POP - 1))
+        tell(opt, genomes[:-1], [0.0] * (POP - 1))
     with pytest.raises(ValueError, match="fitnesses"):
-        opt.tell(genomes, [0.0] * (POP - 1))
-    opt.tell(genomes, [0.0] * POP)  # the rejected calls left the generation pending
+        tell(opt, genomes, [0.0] * (POP - 1))
+    tell(opt, genomes, [0.0] * POP)  # the rejected calls left the generation pending
     assert opt.generation == 1
 
 
 def test_state_of_another_backend_is_refused(name):
     other = next(n for n in BACKENDS if n != name)
-    state = make_optimizer(other, DIM, seed=0, popsize=POP).state_dict()
+    state = make(other, DIM, seed=0, popsize=POP).state_dict()
     with pytest.raises(ValueError, match="cannot load"):
-        make_optimizer(name, DIM, seed=0, popsize=POP).load_state_dict(state)
-    state = make_optimizer(name, DIM + 1, seed=0, popsize=POP).state_dict()
+        make(name, DIM, seed=0, popsize=POP).load_state_dict(state)
+    state = make(name, DIM + 1, seed=0, popsize=POP).state_dict()
     with pytest.raises(ValueError, match="cannot load"):
-        make_optimizer(name, DIM, seed=0, popsize=POP).load_state_dict(state)
+        make(name, DIM, seed=0, popsize=POP).load_state_dict(state)
 
 
 class _Recorder(Optimizer):

@@ -57,7 +57,7 @@ def test_search_fitness_equals_eval_of_export(smollm2_family, tmp_path, capsys, 
     written = load_file(tmp_path / "model" / "model.safetensors")
     assert {t.dtype for t in written.values()} == {torch.float32 if dtype else torch.bfloat16}
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "model"), "--tasks", "en_facts:logprob,en_arith:logprob", "--limit", "6", "--json"]) == 0
+    assert main(["eval", str(tmp_path / "model"), "--tasks", "en_facts:logprob,en_arith:logprob", "--subsets", str(run / "subsets.json"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["fitness"] == pytest.approx(best["fitness"], rel=1e-5, abs=0)
     if space != "ps":

@@ -45,7 +45,7 @@ def test_in_process_search_run_dir_and_export(tiny_zoo, tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "best.yaml"), "--model", str(tmp_path / "model")]) == 0
     best = max(h, key=lambda e: (e["fitness"], -e["eval_id"]))
     tasks = ",".join(f"{t}:logprob" for t in best["scores"])
-    assert main(["eval", str(tmp_path / "model"), "--tasks", tasks, "--limit", "6", "--json"]) == 0
+    assert main(["eval", str(tmp_path / "model"), "--tasks", tasks, "--subsets", str(run / "subsets.json"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for task, metrics in best["scores"].items():
         for metric, value in metrics.items():
@@ -278,3 +278,35 @@ def test_nsga2_keeps_the_pareto_front_and_exports_any_member(tiny_zoo, tmp_path,
     assert f"eval {top_first['eval_id']}," in (tmp_path / "w.yaml").read_text()
     assert main(["export", str(run), "--weights", "1,0,2"]) == 2
     assert "--weights takes 2 non-negative numbers" in capsys.readouterr().err
+
+
+def test_racing_stops_hopeless_candidates_and_scores_survivors_in_full(tiny_zoo, tmp_path):
+    from evomerge.run.racing import race_for
+    from evomerge.space.config import RacingConfig
+
+    a, b = zoo_skills(tiny_zoo)[:2]
+    tasks = [{"task": f"{a}_search", "metric": "logprob"}, {"task": f"{b}_search", "metric": "logprob"}]
+    racing = {"first": 6, "keep": 2, "confidence": 0.5, "warmup": 1}
+    opt = {"popsize": 4, "max_evals": 24, "seed": 2}
+    raced = search_config(tiny_zoo, tmp_path / "r.yaml", fitness={"tasks": tasks, "limit": 20, "racing": racing}, optimizer=opt)
+    plain = search_config(tiny_zoo, tmp_path / "p.yaml", fitness={"tasks": tasks, "limit": 20}, optimizer=opt)
+    run, ref, part = tmp_path / "run", tmp_path / "ref", tmp_path / "part"
+    for cfg, d in ((raced, run), (plain, ref)):
+        assert main(["search", str(cfg), "--run-dir", str(d), "--quiet"]) == 0
+    h, p = history(run), history(ref)
+    # warm-up: both stages for everyone, combined into exactly the plain search's fitness
+    for e, f in zip(h[:4], p[:4]):
+        assert e["stage"] == "full" and e["genome"] == f["genome"] and e["docs"] == 40
+        assert e["fitness"] == pytest.approx(f["fitness"], abs=1e-9)
+    stopped = [e for e in h if e["stage"] == "first"]
+    assert stopped and all(e["docs"] == 12 for e in stopped)
+    for e in stopped:  # each stop is the rule applied to the history before its generation
+        race = race_for(h, e["generation"], RacingConfig(**racing))
+        assert e["first_fitness"] == e["fitness"] and e["fitness"] + race["margin"] < race["threshold"]
+    best = max((e for e in h if e["stage"] == "full"), key=lambda e: (e["fitness"], -e["eval_id"]))
+    assert main(["export", str(run), "--out", str(tmp_path / "best.yaml")]) == 0  # a full score, never a stopped one
+    assert f"eval {best['eval_id']}," in (tmp_path / "best.yaml").read_text()
+    # a resumed raced run races as an uninterrupted one
+    assert main(["search", str(raced), "--run-dir", str(part), "--max-evals", "12", "--quiet"]) == 0
+    assert main(["resume", str(part), "--max-evals", "24", "--quiet"]) == 0
+    assert [(e["genome"], e["stage"]) for e in history(part)] == [(e["genome"], e["stage"]) for e in h]

@@ -210,7 +210,7 @@ def test_search_tunes_a_data_dependent_method_and_scores_its_export(tiny_zoo, tm
     assert evomerge("export", str(run), "--model", str(tmp_path / "model"), cache=stats_cache).returncode == 0
     top = max(h, key=lambda e: (e["fitness"], -e["eval_id"]))
     tasks = ",".join(f"{t}:logprob" for t in top["scores"])
-    got = evomerge("eval", str(tmp_path / "model"), "--tasks", tasks, "--limit", "6", "--json")
+    got = evomerge("eval", str(tmp_path / "model"), "--tasks", tasks, "--subsets", str(run / "subsets.json"), "--json")
     assert got.returncode == 0, got.stderr
     scores = json.loads(got.stdout.strip().splitlines()[-1])["scores"]
     for task, metrics in top["scores"].items():

@@ -52,6 +52,7 @@ class Evaluator:
         limits: dict[str, int] | None = None,
         subset: str = "first",
         subset_seed: int = 0,
+        samples: dict[str, list[int]] | None = None,
     ) -> None:
         """``limit`` documents per task (``limits``: per task), the first ones (lm-eval's
         ``--limit``) or, with ``subset="random"``, a seeded random subset of each task's
@@ -79,8 +80,8 @@ class Evaluator:
         unknown = sorted(set(self.limits) - set(self._task_dict["tasks"]))
         if unknown:
             raise UserError(f"limits name {unknown[0]!r}, which is not one of the tasks scored ({', '.join(sorted(self._task_dict['tasks']))})")
-        # per task: the documents scored (None: all of them), fixed once here
-        self.samples = self._subsets(subset, subset_seed)
+        # per task: the documents scored (None: all of them), fixed once here, or given
+        self.samples = self._subsets(subset, subset_seed) if samples is None else self._given(samples)
         self._lm: HFLM | None = None
         self._lm_model = None
         self._lm_tokenizer = None
@@ -139,6 +140,18 @@ class Evaluator:
                     f"task {term.task!r} does not produce metric {term.metric!r}"
                     f"{nearest(term.metric, produced)}; it produces {sorted(produced)}"
                 )
+
+    def _given(self, samples: dict[str, list[int]]) -> dict[str, list[int]]:
+        tasks = self._task_dict["tasks"]
+        out = {}
+        for name, docs in samples.items():
+            if name not in tasks:
+                continue  # a run's subsets name its fitness tasks; score what is asked
+            n = len(tasks[name].eval_docs)
+            if any(not 0 <= i < n for i in docs):
+                raise UserError(f"the subset for {name!r} names documents outside its {n}; was it written for other task data?")
+            out[name] = sorted(set(int(i) for i in docs))
+        return {**{n: list(range(len(t.eval_docs))) for n, t in tasks.items()}, **out}
 
     def _subsets(self, subset: str, seed: int) -> dict[str, list[int]] | None:
         if self.limit is None and not self.limits:
@@ -217,6 +230,12 @@ def evaluators_for(cfg, device: str = "cpu", test: bool = True) -> dict[str, Eva
     fit = cfg.fitness
     out = {"search": Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in fit.tasks], fit.task_path, fit.limit,
                                fit.batch_size, device, limits=fit.limits, subset=fit.subset, subset_seed=fit.subset_seed)}
+    if fit.racing is not None:
+        from evomerge.fitness.racing import racing_samples
+
+        first, rest = racing_samples(out["search"], fit.racing.first, fit.subset_seed)
+        for name, samples in (("search_first", first), ("search_rest", rest)):
+            out[name] = Evaluator(out["search"].terms, fit.task_path, None, fit.batch_size, device, samples=samples)
     if cfg.test and test:
         out["test"] = Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in cfg.test], fit.task_path, None, fit.batch_size, device)
     return out

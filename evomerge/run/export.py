@@ -14,7 +14,8 @@ from .rundir import RunDir
 
 
 def best_entry(rd: RunDir) -> dict:
-    entries = [e for e in rd.read_history() if e.get("fitness") is not None and e.get("error") is None]
+    # a raced candidate stopped after its first stage has a fitness on fewer documents: never the best
+    entries = [e for e in rd.read_history() if e.get("fitness") is not None and e.get("error") is None and e.get("stage") != "first"]
     if not entries:
         raise UserError(f"{rd.path} has no scored candidate yet; let the search run (or resume it) first")
     # the first of equals: the earliest candidate that reached the best fitness

@@ -16,7 +16,7 @@ from ..space.config import SearchConfig
 def objectives(entry: dict, cfg: SearchConfig) -> list[float] | None:
     """The entry's objective vector, or None when it has no (finite) scores."""
     scores = entry.get("scores")
-    if entry.get("error") is not None or not scores:
+    if entry.get("error") is not None or not scores or entry.get("stage") == "first":  # a raced stop: fewer documents
         return None
     try:
         vals = [float(scores[t.task][t.metric]) for t in cfg.fitness.tasks]

@@ -18,16 +18,18 @@ def summarize(run_dir: str, plot: bool = True) -> str:
     for e in history:
         gens.setdefault(e["generation"], []).append(e)
     lines = [f"run {rd.path} — {cfg.optimizer.backend}, popsize {cfg.optimizer.popsize}, {len(history)} candidates",
-             "| generation | scored | failed | cached | best | mean | best so far |", "|---|---|---|---|---|---|---|"]
+             "| generation | scored | failed | cached | raced off | best | mean | best so far |", "|---|---|---|---|---|---|---|---|"]
     best_so_far = float("-inf")
     for g in sorted(gens):
         fits = [e["fitness"] for e in gens[g] if e.get("fitness") is not None]
         failed = sum(1 for e in gens[g] if e.get("error"))
         cached = sum(1 for e in gens[g] if e.get("cached"))
-        if fits:
-            best_so_far = max(best_so_far, max(fits))
-        row = (f"| {g} | {len(fits)} | {failed} | {cached} | {max(fits):.4f} | {sum(fits) / len(fits):.4f} | {best_so_far:.4f} |"
-               if fits else f"| {g} | 0 | {failed} | {cached} | - | - | {best_so_far:.4f} |")
+        stopped = sum(1 for e in gens[g] if e.get("stage") == "first")  # racing: first stage only
+        full = [e["fitness"] for e in gens[g] if e.get("fitness") is not None and e.get("stage") != "first"]
+        if full:
+            best_so_far = max(best_so_far, max(full))
+        row = (f"| {g} | {len(fits)} | {failed} | {cached} | {stopped} | {max(fits):.4f} | {sum(fits) / len(fits):.4f} | {best_so_far:.4f} |"
+               if fits else f"| {g} | 0 | {failed} | {cached} | {stopped} | - | - | {best_so_far:.4f} |")
         lines.append(row)
     busy = sum(e.get("wall_s") or 0.0 for e in history)
     merge = sum(e.get("merge_s") or 0.0 for e in history)

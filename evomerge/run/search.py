@@ -27,6 +27,7 @@ from ..space.config import SearchConfig, load_search_config
 from ..workers.pool import make_pool
 from .final import format_table, score_table
 from .front import front_json, front_table, objectives, pareto_front
+from .racing import is_full, race_for
 from .rundir import RunDir
 
 MAX_ATTEMPTS = 3  # a candidate that fails this often is recorded as failed and the search goes on
@@ -193,9 +194,11 @@ class _Search:
         if ckpt is not None:
             self.opt.load_state_dict(ckpt["optimizer"])
         history = rd.read_history()
+        self.history = history  # every entry so far, this session's appended as they come
         self.done = {e["eval_id"]: e for e in history}  # scored before a crash, by candidate id
-        self.cache = {e["recipe_hash"]: e for e in history if e.get("error") is None and e.get("fitness") is not None}
-        self.best = max((e for e in history if e.get("fitness") is not None), key=lambda e: e["fitness"], default=None)
+        full = [e for e in history if e.get("error") is None and e.get("fitness") is not None and is_full(e)]
+        self.cache = {e["recipe_hash"]: e for e in full}
+        self.best = max(full, key=lambda e: e["fitness"], default=None)
         self.generations = math.ceil(o.max_evals / o.popsize)
         self.elapsed_before = (ckpt or {}).get("elapsed_s", 0.0)  # search time of earlier sessions
         self.started = time.monotonic()
@@ -210,6 +213,8 @@ class _Search:
         entries: list[dict | None] = [None] * len(genomes)
         waiting: dict[str, list[int]] = {}  # recipe hash -> indices of the candidates sharing it
         recipes: dict[str, dict] = {}
+        racing = self.cfg.fitness.racing
+        race = race_for(self.history, gen, racing) if racing is not None else None
         for i, x in enumerate(genomes):
             eval_id = gen * pop + i
             if eval_id in self.done and np.allclose(self.done[eval_id]["genome"], x, atol=1e-12):
@@ -223,14 +228,14 @@ class _Search:
             else:
                 if h not in waiting:
                     recipes[h] = recipe.to_dict()
-                    self.pool.submit((h, 1), recipes[h])
+                    self.pool.submit((h, 1), recipes[h], "search", race)
                 waiting.setdefault(h, []).append(i)
         while self.pool.pending:
             out = self.pool.next_outcome()
             h, attempt = out.tag
             if out.result is None and out.retry and attempt < MAX_ATTEMPTS:
                 self.rd.log(f"generation {gen}: candidate {h} failed ({out.error}); running it again")
-                self.pool.submit((h, attempt + 1), recipes[h])
+                self.pool.submit((h, attempt + 1), recipes[h], "search", race)
                 continue
             result, error = out.result or {}, out.error
             if result.get("fitness") is not None and not math.isfinite(result["fitness"]):
@@ -238,7 +243,7 @@ class _Search:
                 result = {**result, "fitness": None}
             for n, i in enumerate(waiting[h]):
                 entries[i] = self._record(gen, i, genomes[i], h, result, error, cached=n > 0)
-            if error is None:
+            if error is None and is_full(entries[waiting[h][0]]):
                 self._improve(entries[waiting[h][0]])
         if self.best is None and all(e["error"] for e in entries):
             # nothing has ever scored: the config, not one candidate, is at fault
@@ -281,8 +286,12 @@ class _Search:
                  "recipe_hash": h, "scores": result.get("scores"), "fitness": result.get("fitness"),
                  "wall_s": 0.0 if cached else result.get("wall_s", 0.0), "merge_s": None if cached else result.get("merge_s"),
                  "eval_s": None if cached else result.get("eval_s"), "forward_s": None if cached else result.get("forward_s"),
-                 "worker": None if cached else result.get("worker"), "error": error, "cached": cached}
+                 "worker": None if cached else result.get("worker"), "error": error, "cached": cached,
+                 "docs": 0 if cached else result.get("docs")}
+        if result.get("stage") is not None:  # raced: how far it went, and its first stage's fitness
+            entry["stage"], entry["first_fitness"] = result["stage"], result["first_fitness"]
         self.rd.append(entry)
+        self.history.append(entry)
         self.bar.update(1)
         return entry
 

@@ -86,6 +86,31 @@ class TermConfig(_Frozen):
     weight: float = 1.0
 
 
+class RacingConfig(_Frozen):
+    """Score each candidate on the first ``first`` documents of every task's subset; score the
+    rest only when it may still beat the ``keep``-th best fully scored candidate of earlier
+    generations (evomerge/run/racing.py)."""
+
+    first: int
+    keep: int = 4
+    confidence: float = 0.95
+    warmup: int = 2  # generations scored in full (both stages) before any candidate is stopped
+
+    @field_validator("first", "keep", "warmup")
+    @classmethod
+    def _positive(cls, v):
+        if v < 1:
+            raise ValueError(f"racing counts must be >= 1, got {v}")
+        return v
+
+    @field_validator("confidence")
+    @classmethod
+    def _confidence(cls, v):
+        if not 0.5 <= v < 1:
+            raise ValueError(f"racing confidence {v} must be in [0.5, 1)")
+        return v
+
+
 class FitnessConfig(_Frozen):
     tasks: list[TermConfig]
     limit: Optional[int] = None  # documents per task (default: all)
@@ -95,6 +120,7 @@ class FitnessConfig(_Frozen):
     # data is ordered)
     subset: Literal["random", "first"] = "random"
     subset_seed: int = 0
+    racing: Optional[RacingConfig] = None
     batch_size: int = 64
     task_path: Optional[str] = None  # directory of lm-eval task YAMLs; default: the shipped evomerge/tasks/
 

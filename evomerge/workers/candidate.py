@@ -19,6 +19,8 @@ from ..fitness.env import set_offline_env
 set_offline_env()
 
 from ..errors import UserError  # noqa: E402
+from ..fitness.racing import combine_stages  # noqa: E402
+from ..fitness.terms import Result, combine  # noqa: E402
 from ..merge.kernels import get_kernel  # noqa: E402
 from ..merge.materialize import compute, plan  # noqa: E402
 from ..merge.prepare import stats_sources  # noqa: E402
@@ -104,7 +106,9 @@ class CandidateWorker:
         return self.sources[read.source].dtype(read.name)
 
     @torch.no_grad()
-    def evaluate(self, recipe_data: dict, split: str = "search") -> dict:
+    def evaluate(self, recipe_data: dict, split: str = "search", race: dict | None = None) -> dict:
+        """Score a candidate. ``race`` ({"threshold", "margin"}, search split only): score the
+        racing subset first and stop there when its fitness + margin < threshold."""
         if self.startup_error is not None:  # a replacement actor that could not start
             raise RuntimeError(self.startup_error)
         t0 = time.perf_counter()
@@ -112,11 +116,27 @@ class CandidateWorker:
         model = self.materialize(recipe)
         self._sync()
         t1 = time.perf_counter()
+        extra = {}
         with ForwardTimer(model, self._sync) as timer:
-            result = self.evaluators[split].score_model(model, self.tokenizer)
+            if race is None:
+                result = self.evaluators[split].score_model(model, self.tokenizer)
+                extra["docs"] = self.evaluators[split].documents
+            else:
+                result, extra = self._race(model, race)
         t2 = time.perf_counter()
         return {"scores": result.scores, "fitness": result.fitness, "merge_s": t1 - t0, "eval_s": t2 - t1,
-                "forward_s": timer.seconds, "wall_s": t2 - t0, "worker": self.worker_id}
+                "forward_s": timer.seconds, "wall_s": t2 - t0, "worker": self.worker_id, **extra}
+
+    def _race(self, model, race: dict):
+        head, rest = self.evaluators["search_first"], self.evaluators["search_rest"]
+        first = head.score_model(model, self.tokenizer)
+        if first.fitness + race["margin"] < race["threshold"]:
+            return first, {"stage": "first", "first_fitness": first.fitness, "docs": head.documents}
+        more = rest.score_model(model, self.tokenizer)
+        counts = lambda ev: {t: len(v) for t, v in ev.samples.items()}  # noqa: E731
+        scores = combine_stages(first.scores, more.scores, counts(head), counts(rest))
+        full = Result(scores=scores, fitness=combine(head.terms, scores))
+        return full, {"stage": "full", "first_fitness": first.fitness, "docs": head.documents + rest.documents}
 
     def _sync(self) -> None:
         if self.device.startswith("cuda"):

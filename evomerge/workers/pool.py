@@ -57,17 +57,17 @@ class InProcessPool:
         self.queue: deque = deque()
         self.usage = _Usage()
 
-    def submit(self, tag, recipe: dict, split: str = "search") -> None:
-        self.queue.append((tag, recipe, split))
+    def submit(self, tag, recipe: dict, split: str = "search", race: dict | None = None) -> None:
+        self.queue.append((tag, recipe, split, race))
 
     @property
     def pending(self) -> int:
         return len(self.queue)
 
     def next_outcome(self) -> Outcome:
-        tag, recipe, split = self.queue.popleft()
+        tag, recipe, split, race = self.queue.popleft()
         try:
-            return self.usage.add(Outcome(tag, self.worker.evaluate(recipe, split)))
+            return self.usage.add(Outcome(tag, self.worker.evaluate(recipe, split, race)))
         except UserError as e:  # this candidate's own fault: recorded against it, the search goes on
             return Outcome(tag, None, f"UserError: {e}", retry=False)
         except Exception as e:  # a candidate that breaks must not end the search
@@ -126,7 +126,7 @@ class RayPool:
             raise UserError(next(e for e in errors if e))
         self.idle = deque(self.actors)
         self.queue: deque = deque()
-        self.inflight: dict = {}  # ObjectRef -> (tag, recipe, split, actor)
+        self.inflight: dict = {}  # ObjectRef -> (tag, recipe, split, race, actor)
         self.usage = _Usage()
 
     def _spawn(self):
@@ -134,16 +134,16 @@ class RayPool:
         self.next_id += 1
         return actor
 
-    def submit(self, tag, recipe: dict, split: str = "search") -> None:
-        self.queue.append((tag, recipe, split))
+    def submit(self, tag, recipe: dict, split: str = "search", race: dict | None = None) -> None:
+        self.queue.append((tag, recipe, split, race))
         self._dispatch()
 
     def _dispatch(self) -> None:
         while self.idle and self.queue:
-            tag, recipe, split = self.queue.popleft()
+            tag, recipe, split, race = self.queue.popleft()
             actor = self.idle.popleft()
-            ref = actor.evaluate.remote(recipe, split)
-            self.inflight[ref] = (tag, recipe, split, actor)
+            ref = actor.evaluate.remote(recipe, split, race)
+            self.inflight[ref] = (tag, recipe, split, race, actor)
 
     @property
     def pending(self) -> int:
@@ -153,7 +153,7 @@ class RayPool:
         ray = self.ray
         ready, _ = ray.wait(list(self.inflight), num_returns=1)
         ref = ready[0]
-        tag, recipe, split, actor = self.inflight.pop(ref)
+        tag, recipe, split, race, actor = self.inflight.pop(ref)
         try:
             outcome = self.usage.add(Outcome(tag, ray.get(ref)))
             self.idle.append(actor)
