@@ -65,7 +65,7 @@ def _units(t: torch.Tensor, axis, n: int) -> torch.Tensor:
     return x.transpose(0, 1).reshape(n, -1).double()
 
 
-def _circuit_similarity(spec: PermSpec, group: str, ref, other, perms, config: dict):
+def _circuit_similarity(spec: PermSpec, group: str, ref, other, perms):
     """[heads, heads] similarities of query heads that no within-head rotation changes.
 
     Each head is compared by its two circuits, which the rotations of ``rotations`` leave
@@ -135,7 +135,7 @@ def weight_matching(reference, other, config: dict, max_iter: int = 100, seed: i
         improved = False
         for group in groups:
             if rotations and group.startswith("heads."):
-                sim, sim_kv, r = _circuit_similarity(spec, group, ref, oth, perms, config)
+                sim, sim_kv, r = _circuit_similarity(spec, group, ref, oth, perms)
             else:
                 sim, sim_kv, r = _weight_similarity(spec, group, touching[group], ref, oth, perms)
             new = solve(sim, sim_kv, r)

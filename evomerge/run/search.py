@@ -303,7 +303,7 @@ class _Search:
             self.bar.set_postfix(gen=entry["generation"], best=f"{entry['fitness']:.4f}")
 
     def _write_front(self) -> list[dict]:
-        front = pareto_front(self.rd.read_history(), self.cfg)
+        front = pareto_front(self.history, self.cfg)  # every entry so far, held since start-up
         atomic_write_text(self.rd.front, json.dumps(front_json(front, self.cfg), indent=1) + "\n")
         return front
 
