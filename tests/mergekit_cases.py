@@ -163,6 +163,27 @@ def exact_cases(m, arch) -> dict[str, dict]:
         "karcher_few_steps": {"merge_method": "karcher", "dtype": "float32", "parameters": {"max_iter": 2, "tol": 1e-7},
                               "models": [_src(m, k(s)) for s in ("a", "base")]},
         "nearswap": tv("nearswap", [("a", None)], parameters={"t": 0.01}),
+        # DELLA at density 1 draws nothing: TIES' election and averaging, or a plain sum
+        "della_density_1": tv("della", [("a", {"weight": 0.7}), ("b", {"weight": 0.4}), ("c", {"weight": -0.2})]),
+        "della_linear_density_1": tv("della_linear", [("a", {"weight": 0.7, "density": 1.0}), ("b", {"weight": 0.4})],
+                                     parameters={"lambda": 1.2}),
+        "sce": tv("sce", [("a", None), ("b", None), ("c", None)]),
+        "sce_select_topk": tv("sce", [("a", None), ("b", None), ("c", None)], parameters={"select_topk": 0.4}),
+        "nuslerp": {"merge_method": "nuslerp", "dtype": "float32",
+                    "models": [_src(m, k("a"), {"weight": 0.3}), _src(m, k("b"), {"weight": 0.7})]},
+        "nuslerp_task_vectors_row_wise": tv("nuslerp", [("a", {"weight": 1.0}), ("b", {"weight": 3.0})],
+                                            parameters={"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+        "nuslerp_task_vectors_per_row": tv("nuslerp", [("a", {"weight": 0.6}), ("b", {"weight": 0.2})],
+                                           parameters={"nuslerp_flatten": False}),
+        "multislerp": {"merge_method": "multislerp", "dtype": "float32", "models": [
+            _src(m, k("a"), {"weight": 0.2}), _src(m, k("b"), {"weight": 0.5}), _src(m, k("c"), {"weight": 0.3})]},
+        "multislerp_task_vectors": tv("multislerp", [("a", {"weight": 1.0}), ("b", {"weight": 2.0})]),
+        "arcee_fusion": tv("arcee_fusion", [("a", None)]),
+        "ram": tv("ram", [("a", None), ("b", None), ("c", None)]),
+        # epsilon near the deltas' median magnitude: entries changed by one, several or no model
+        "ram_epsilon": tv("ram", [("a", None), ("b", None), ("c", None)], parameters={"epsilon": 0.02}),
+        "ramplus_tl": tv("ramplus_tl", [("a", None), ("b", None), ("c", None)],
+                         parameters={"epsilon": 0.02, "r": 0.3, "alpha": 0.5}),
         # layer stacking; scale filters see the *input* names: 'layers.1.' is the second
         # slice's first output layer (2), not output layer 1
         "passthrough_stack": {"merge_method": "passthrough", "dtype": "float32", "slices": [
@@ -262,12 +283,16 @@ def bf16_bounded_cases(m) -> dict[str, tuple]:
 
 
 def dare_cases(m) -> dict[str, tuple]:
-    """name -> (recipe, weight, density, L1 rescale?): one fine-tune, so each output entry
-    is base + weight * scale * delta where kept and the base where dropped."""
+    """name -> (recipe, effective weight, density, L1 rescale?): one fine-tune, so each output
+    entry is base + weight * scale * delta where kept and the base where dropped."""
     def dare(method, density, **params):
         return {"merge_method": method, "base_model": str(m["llama/base"]), "dtype": "float32", "parameters": params,
                 "models": [{"model": str(m["llama/a"]), "parameters": {"weight": 0.8, "density": density}}]}
     return {
+        "della_linear": (dare("della_linear", 0.4, epsilon=0.2), 0.8, 0.4, True),
+        "della_linear_no_rescale": (dare("della_linear", 0.4, epsilon=0.2, rescale=False), 0.8, 0.4, False),
+        # della normalizes: one model's weight divides out
+        "della": (dare("della", 0.5), 1.0, 0.5, True),
         "dare_linear": (dare("dare_linear", 0.3), 0.8, 0.3, True),
         "dare_linear_no_rescale": (dare("dare_linear", 0.3, rescale=False), 0.8, 0.3, False),
         "dare_ties": (dare("dare_ties", 0.6), 0.8, 0.6, True),

@@ -51,7 +51,7 @@ def declared_only(name: str, model_params: list[dict]) -> list[dict]:
 def minimal_params(name: str, n_models: int) -> tuple[list[dict], dict]:
     if name == "slerp":
         return [{}] * n_models, {"t": 0.3}
-    if name in ("passthrough", "model_stock", "karcher"):
+    if name in ("passthrough", "model_stock", "karcher", "sce", "arcee_fusion", "ram", "ramplus_tl"):
         return [{}] * n_models, {}
     if name == "nearswap":
         return [{}] * n_models, {"t": 0.01}
@@ -147,7 +147,7 @@ def test_task_vector_presets_match_argsort_reference(name, normalize):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_identical_inputs_give_the_input(name, dtype):
     x = randn(16, 8, dtype=dtype)
-    n_models = 1 if name in ("slerp", "passthrough", "nearswap") else 2
+    n_models = 1 if name in ("slerp", "passthrough", "nearswap", "arcee_fusion") else 2
     model_params, params = minimal_params(name, n_models)
     out = run(name, [x.clone() for _ in range(n_models)], x.clone(), model_params, params)
     assert out.dtype == torch.float32 and out.shape == x.shape
@@ -517,6 +517,25 @@ def test_thread_count_does_not_change_the_result(name, monkeypatch):
     torch.testing.assert_close(three, one, rtol=0, atol=0)
 
 
+def test_della_draws_by_rank_from_the_seed_alone():
+    """DELLA's mask is a function of (seed, model) and the deltas' ranks: the same on every
+    call, another for another seed, kept at density on average and more often where the
+    change is larger; a density -/+ epsilon outside (0, 1) is refused with the fix."""
+    base = randn(64, 512, seed=1)
+    tensors = [base + 0.1 * randn(64, 512, seed=2)]
+    params = {"rescale": "none"}
+    mp = [{"weight": 1.0, "density": 0.4, "epsilon": 0.2}]
+    one, again, other = (run("della_linear", tensors, base, mp, params, seed=s) for s in (3, 3, 4))
+    assert torch.equal(one, again) and not torch.equal(one, other)
+    kept = one != base
+    assert abs(float(kept.float().mean()) - 0.4) < 0.01
+    rank = (tensors[0] - base).abs().argsort(dim=1).argsort(dim=1)
+    low, high = float(kept[rank < 512 // 4].float().mean()), float(kept[rank >= 3 * 512 // 4].float().mean())
+    assert abs(low - 0.25) < 0.02 and abs(high - 0.55) < 0.02, (low, high)  # 0.2 + 0.4 * 1/8, 0.2 + 0.4 * 7/8
+    with pytest.raises(UserError, match="epsilon"):
+        run("della", tensors, base, [{"weight": 1.0, "density": 0.9, "epsilon": 0.15}])
+
+
 # --- parameters and errors --------------------------------------------------------------
 
 
@@ -531,10 +550,16 @@ def test_defaults_follow_mergekit_presets():
     assert defaults["task_arithmetic"]["normalize"] is False and "rescale" not in defaults["task_arithmetic"]
     assert all(d["lambda"] == 1.0 for d in defaults.values())
     assert KERNELS["linear"].params[1].default is True and not KERNELS["linear"].uses_base
-    assert [name for name, k in KERNELS.items() if k.random] == ["dare_linear", "dare_ties"]
+    assert [name for name, k in KERNELS.items() if k.random] == ["dare_linear", "dare_ties", "della", "della_linear"]
+    della = {name: {spec.name: spec.default for spec in KERNELS[name].params} for name in ("della", "della_linear")}
+    assert della["della"]["normalize"] is True and della["della_linear"]["normalize"] is False
+    assert della["della"]["rescale"] == della["della_linear"]["rescale"] == "l1" and della["della"]["epsilon"] == 0.15
+    assert [name for name, k in KERNELS.items() if k.optional_base] == ["nuslerp", "multislerp"]
     for kernel in KERNELS.values():
         for spec in kernel.params:
-            assert spec.tunable == (spec.name in {"weight", "density", "t", "lambda", "gamma", "alpha"})
+            # RAM's epsilon only says what counts as changed (1e-5): a tolerance, not a strength
+            strength = spec.name in {"weight", "density", "t", "lambda", "gamma", "alpha", "epsilon", "select_topk", "r"}
+            assert spec.tunable == (strength and not (kernel.name.startswith("ram") and spec.name == "epsilon"))
             assert not spec.tunable or spec.low < spec.high
 
 

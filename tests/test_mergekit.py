@@ -226,6 +226,38 @@ def test_dare_rules_match_mergekit(case, models, mergekit_out, tmp_path):
             assert ((merged[kept] - b[kept]) - want).abs().le(slack).all(), f"{tool} {n}: kept entries not rescaled by {s:.4f}"
 
 
+@pytest.mark.parametrize("case", [c for c in dare_cases(AnyPath()) if c.startswith("della")])
+def test_della_keeps_larger_changes_more_often_like_mergekit(case, models, mergekit_out, tmp_path):
+    """DELLA's keep probability rises with an entry's magnitude rank in its row, from
+    density - epsilon to density + epsilon; over all tensors, the entries in the lowest and
+    the highest third of their rows are kept at the rates that rule gives (within 5 sigma),
+    by mergekit and by evomerge alike."""
+    recipe, _, density, _ = dare_cases(models)[case]
+    epsilon = recipe["parameters"].get("epsilon", 0.15)
+    ev_dir = evomerge(recipe, tmp_path / "evo")
+    base, source = weights(models["llama/base"]), weights(models["llama/a"])
+    for tool, d in (("mergekit", mergekit_out[case]), ("evomerge", ev_dir)):
+        low = high = n_low = n_high = 0
+        p_low = p_high = 0.0
+        for n, merged in weights(d).items():
+            delta = source[n] - base[n]
+            rows = delta if delta.dim() >= 2 else delta[None]
+            kept = (merged != base[n]).reshape(rows.shape)
+            width = rows.shape[1]
+            if width < 3:
+                continue
+            rank = rows.abs().argsort(dim=1).argsort(dim=1).float()
+            p = density - epsilon + 2 * epsilon * rank / (width - 1)
+            bottom, top = rank < width / 3, rank >= 2 * width / 3
+            low, high = low + int(kept[bottom].sum()), high + int(kept[top].sum())
+            n_low, n_high = n_low + int(bottom.sum()), n_high + int(top.sum())
+            p_low, p_high = p_low + float(p[bottom].sum()), p_high + float(p[top].sum())
+        for got, want, count in ((low, p_low, n_low), (high, p_high, n_high)):
+            sigma = math.sqrt(count * 0.25)
+            assert abs(got - want) <= 5 * sigma, f"{tool}: kept {got} of {count}, the rule expects {want:.0f}"
+        assert high / n_high - low / n_low > epsilon, f"{tool}: larger changes not kept more often"
+
+
 # --- magnitude ties at a trim threshold ------------------------------------------------------
 
 

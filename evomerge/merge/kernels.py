@@ -21,7 +21,8 @@ from typing import Any
 from torch import Tensor
 
 from evomerge.errors import UserError, nearest
-from evomerge.merge import fisher, karcher, linear, model_stock, nearswap, passthrough, regmean, slerp, sparsify, task_vector
+from evomerge.merge import (arcee_fusion, fisher, karcher, linear, model_stock, multislerp, nearswap, nuslerp, passthrough, ram,
+                            regmean, sce, slerp, sparsify, task_vector)
 from evomerge.merge.task_vector import SORTED_ABS
 
 
@@ -40,12 +41,20 @@ class Kernel:
     name: str
     params: tuple[ParamSpec, ...]
     uses_base: bool  # task-vector methods and slerp need a base_model; linear does not
-    random: bool  # True for dare_* (the seed changes the result)
+    random: bool  # True for dare_* and della* (the seed changes the result)
     fn: Callable[..., Tensor]  # fn(tensors, base, model_params, params, seed=0, stats=()) -> float32 Tensor
     # Data-dependent kernels: the statistic each source brings ("fisher" or "gram"), read per
     # tensor like a source's own tensors (evomerge/merge/prepare.py); None for the others.
     stats: str | None = None
     whole_model: bool = False  # merges whole models at once (zipit); planned by prepare.py, never per tensor
+    # nuslerp, multislerp: a base_model, when the recipe names one, is the origin (task
+    # vectors are interpolated); without one the models themselves are
+    optional_base: bool = False
+
+    @property
+    def takes_base(self) -> bool:
+        """Whether a recipe's base_model is this kernel's base rather than one more model."""
+        return self.uses_base or self.optional_base
 
 
 WEIGHT = ParamSpec("weight", per_model=True, default=None, low=0.0, high=1.0, tunable=True)
@@ -54,13 +63,19 @@ GAMMA = ParamSpec("gamma", per_model=True, default=0.01, low=0.0, high=0.1, tuna
 LAMBDA = ParamSpec("lambda", per_model=False, default=1.0, low=0.5, high=1.5, tunable=True)
 T = ParamSpec("t", per_model=False, default=None, low=0.0, high=1.0, tunable=True)
 WEIGHT_1 = ParamSpec("weight", per_model=True, default=1.0, low=0.0, high=1.0, tunable=True)  # optional, equal by default
+# DELLA keeps each entry with probability density -/+ epsilon by magnitude rank, which must
+# stay inside (0, 1): a search's bounds keep every pair valid (0.2 - 0.15 > 0, 0.8 + 0.15 < 1).
+DELLA_DENSITY = ParamSpec("density", per_model=True, default=1.0, low=0.2, high=0.8, tunable=True)
+EPSILON = ParamSpec("epsilon", per_model=True, default=0.15, low=0.0, high=0.15, tunable=True)
 # Accepted so that mergekit recipes load; boolean masks here make it irrelevant.
 INT8_MASK = ParamSpec("int8_mask", per_model=False, default=False)
 
 # Valid ranges beyond "a finite number": (low, high, low inclusive, high inclusive).
 _RANGES = {"density": (0.0, 1.0, False, True), "gamma": (0.0, 1.0, True, False), "alpha": (0.0, 1.0, True, True),
            "ratio": (0.0, 1.0, True, True), "beta": (0.0, 1.0, True, True), "floor": (0.0, math.inf, False, False),
-           "max_iter": (1.0, math.inf, True, False), "tol": (0.0, math.inf, False, False)}
+           "max_iter": (1.0, math.inf, True, False), "tol": (0.0, math.inf, False, False),
+           "epsilon": (0.0, math.inf, True, False), "eps": (0.0, math.inf, True, False),
+           "select_topk": (0.0, 1.0, True, True), "r": (0.0, math.inf, True, False)}
 # Kernels whose keep rule ranks |delta|: a caller may pass each source's sorted_abs.
 _RANKS_MAGNITUDES = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
 
@@ -75,7 +90,7 @@ def _rescale(default: str) -> ParamSpec:
 
 def _declare(
     name: str, specs: tuple[ParamSpec, ...], uses_base: bool, random: bool, impl: Callable[..., Tensor],
-    stats: str | None = None, whole_model: bool = False,
+    stats: str | None = None, whole_model: bool = False, optional_base: bool = False,
 ) -> Kernel:
     """A kernel whose ``fn`` fills defaults and checks its inputs before ``impl`` runs."""
 
@@ -94,7 +109,7 @@ def _declare(
             return impl(tensors, base, filled_models, {**filled, **internal}, seed, stats)
         return impl(tensors, base, filled_models, filled, seed)
 
-    kernel = Kernel(name, specs, uses_base, random, fn, stats, whole_model)
+    kernel = Kernel(name, specs, uses_base, random, fn, stats, whole_model, optional_base)
     return kernel
 
 
@@ -123,15 +138,17 @@ def _task_vector(
 ) -> Kernel:
     specs = [WEIGHT]
     if sparsification:
-        specs.append(DENSITY)
+        specs.append(DELLA_DENSITY if sparsification == "della" else DENSITY)
     if sparsification == "magnitude_outliers":
         specs.append(GAMMA)
+    if sparsification == "della":
+        specs.append(EPSILON)
     specs += [LAMBDA, _normalize(normalize)]
     if sparsification:
         specs.append(_rescale(rescale))
     specs.append(INT8_MASK)
     impl = functools.partial(task_vector.merge, sparsification=sparsification, consensus=consensus)
-    return _declare(name, tuple(specs), uses_base=True, random=sparsification == "random", impl=impl)
+    return _declare(name, tuple(specs), uses_base=True, random=sparsification in ("random", "della"), impl=impl)
 
 
 KERNELS: dict[str, Kernel] = {
@@ -149,6 +166,27 @@ KERNELS: dict[str, Kernel] = {
         _task_vector("dare_ties", "random", consensus=True, normalize=False, rescale="l1"),
         _task_vector("breadcrumbs", "magnitude_outliers", consensus=False, normalize=False, rescale="none"),
         _task_vector("breadcrumbs_ties", "magnitude_outliers", consensus=True, normalize=False, rescale="none"),
+        # Deep et al. 2024 (MagPrune); mergekit's della and della_linear
+        _task_vector("della", "della", consensus=True, normalize=True, rescale="l1"),
+        _task_vector("della_linear", "della", consensus=False, normalize=False, rescale="l1"),
+        # Wan et al. 2024 (FuseChat)
+        _declare("sce", (ParamSpec("select_topk", per_model=False, default=1.0, low=0.1, high=1.0, tunable=True), INT8_MASK),
+                 uses_base=True, random=False, impl=sce.merge),
+        # mergekit's nuslerp and multislerp: spherical interpolation, of task vectors when given a base
+        _declare("nuslerp", (WEIGHT, ParamSpec("nuslerp_row_wise", per_model=False, default=False),
+                             ParamSpec("nuslerp_flatten", per_model=False, default=True)),
+                 uses_base=False, random=False, impl=nuslerp.merge, optional_base=True),
+        _declare("multislerp", (WEIGHT, ParamSpec("normalize_weights", per_model=False, default=True),
+                                ParamSpec("eps", per_model=False, default=1e-8)),
+                 uses_base=False, random=False, impl=multislerp.merge, optional_base=True),
+        # Arcee's importance-thresholded fusion of one model into its base
+        _declare("arcee_fusion", (), uses_base=True, random=False, impl=arcee_fusion.merge),
+        # Reinforced Agent Merging (arXiv:2601.13572) and its tensor-local RAM+
+        _declare("ram", (ParamSpec("epsilon", per_model=False, default=1e-5),), uses_base=True, random=False, impl=ram.merge),
+        _declare("ramplus_tl", (ParamSpec("r", per_model=False, default=0.1, low=0.0, high=0.5, tunable=True),
+                                ParamSpec("alpha", per_model=False, default=0.2, low=0.0, high=1.0, tunable=True),
+                                ParamSpec("epsilon", per_model=False, default=1e-5)),
+                 uses_base=True, random=False, impl=ram.merge_plus),
         # Jang et al. 2024; mergekit's model_stock
         _declare("model_stock", (ParamSpec("filter_wise", per_model=False, default=False),),
                  uses_base=True, random=False, impl=model_stock.merge),
@@ -286,7 +324,7 @@ def _check_tensors(
     if kernel.uses_base and base is None:
         raise UserError(f"{kernel.name} needs a base model; set base_model in the recipe")
     shapes = {tuple(x.shape) for x in tensors}
-    if kernel.uses_base:
+    if base is not None:
         shapes.add(tuple(base.shape))
     if len(shapes) > 1:
         raise UserError(

@@ -117,7 +117,7 @@ def _slices(recipe: Recipe, sources: Mapping[str, TensorSource], kernel: Kernel)
         return list(recipe.slices)
     models = list(recipe.models or [])
     ins = [InputSlice(model=m.model, layer_range=(0, sources[m.model].arch.num_layers), parameters=m.parameters) for m in models]
-    if kernel.uses_base and recipe.base_model and recipe.base_model not in [m.model for m in models]:
+    if kernel.takes_base and recipe.base_model and recipe.base_model not in [m.model for m in models]:
         ins.append(InputSlice(model=recipe.base_model, layer_range=(0, sources[recipe.base_model].arch.num_layers)))
     return [OutputSlice(sources=ins)]
 
@@ -234,7 +234,7 @@ def _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_d
     inputs, model_params, stats = [], [], []
     for s, n, r, d in zip(sl.sources, in_names, reads, stored):
         read = Read(s.model, r, rounds_to(d, load))
-        if kernel.uses_base and s.model == base_ref:
+        if kernel.takes_base and s.model == base_ref:
             base = read
             continue
         inputs.append(read)

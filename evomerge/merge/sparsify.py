@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evomerge.errors import UserError
 from evomerge.merge import rng, threads
 
 RESCALES = ("l1", "inverse_density", "none")
@@ -176,6 +177,26 @@ def dare_keep(index: Tensor, key: int | Tensor, cutoff: int | Tensor) -> Tensor:
     """DARE's Bernoulli keep mask (bool) for the elements at ``index``: kept with
     probability cutoff / 2**24 (see ``rng.keep_cutoff``), the same on every device."""
     return rng.random_bits(key, index) < cutoff
+
+
+def della_keep(delta: Tensor, density: float, epsilon: float, key: int) -> Tensor:
+    """DELLA's MagPrune keep mask (Deep et al. 2024), flat bool: within each row (the last
+    axes after the first; a 1-D tensor is one row) an entry of magnitude rank r among n
+    (0 = smallest) is kept with probability density - epsilon + 2 * epsilon * r / (n - 1),
+    so larger changes survive more often and the mean keep rate is ``density``; drawn
+    from the counter-based hash as DARE's mask is. Ranking needs a sort of each row: DELLA
+    has no rank-free form. mergekit 0.1.5 ranks along dim 1 the same way."""
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise UserError(f"della: density {density:g} +/- epsilon {epsilon:g} must lie inside (0, 1); "
+                        "lower epsilon or move density away from 0 and 1")
+    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
+    n = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)
+    spread = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
+    probability = (density - epsilon) + spread * (2 * epsilon)
+    cutoffs = torch.round(probability * (1 << rng.BITS)).to(torch.int64)
+    index = torch.arange(rows.numel(), device=rows.device).view(rows.shape)
+    return (rng.random_bits(key, index) < cutoffs).reshape(-1)
 
 
 def dare_keep_bits(keys: Sequence[int], cutoffs: Sequence[int], n: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from torch import Tensor
 from evomerge.merge import fused, rng, sparsify, threads
 
 SORTED_ABS = "sorted_abs"  # optional per-model entry: sparsify.sorted_abs_delta(source, base)
-SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers")
+SPARSIFICATIONS = ("magnitude", "random", "magnitude_outliers", "della")
 
 _F32 = torch.float32
 # Elements per step: on a CPU the workspace (2 * n_models + 5 rows of it) stays in cache
@@ -66,7 +66,7 @@ def merge(
         return base.to(_F32, copy=True)
     flat_base = base.detach().reshape(-1)
     flat = [x.detach().reshape(-1) for x in tensors]
-    keep = _keep_rule(sparsification, flat, flat_base, model_params, seed)
+    keep = _keep_rule(sparsification, flat, flat_base, model_params, seed, base.shape)
     weights = [float(mp["weight"]) for mp in model_params]
     scales = _rescales(params.get("rescale", "none"), keep, flat, flat_base, model_params)
     lam = float(params.get("lambda", 1.0))
@@ -76,7 +76,7 @@ def merge(
     if not consensus and normalize:
         total = sum(weights)
         fused_lam = lam / total if abs(total) >= 1e-8 else lam
-    out = fused.combine(flat_base, flat, kind=keep.kind, lo=keep.lo, hi=keep.hi, keys=keep.keys,
+    out = None if keep.kind == "mask" else fused.combine(flat_base, flat, kind=keep.kind, lo=keep.lo, hi=keep.hi, keys=keep.keys,
                         cutoffs=keep.cutoffs, coefs=coefs, elect_unweighted=_elect_unweighted(coefs),
                         weights=weights, lam=fused_lam, consensus=consensus, normalize=normalize)
     if out is None:
@@ -98,14 +98,16 @@ def _elect_unweighted(coefs: Sequence[float]) -> bool:
 class _Keep:
     """Which entries of each model's delta survive, as per-model scalars: a magnitude
     band lo <= |delta| <= hi, or a DARE draw (stream key, integer cutoff; on the CPU
-    drawn once per tensor into packed bits)."""
+    drawn once per tensor into packed bits); or, for DELLA, whose keep probability
+    differs per entry, one explicit mask per model."""
 
-    kind: str  # "all", "band" or "random"
+    kind: str  # "all", "band", "random" or "mask"
     lo: tuple[float, ...]  # one entry per model in each
     hi: tuple[float, ...]
     keys: tuple[int, ...]
     cutoffs: tuple[int, ...]
     packed: np.ndarray | None = None  # sparsify.dare_keep_bits of every model
+    masks: Tensor | None = None  # kind "mask": (models, numel) bool
 
     @classmethod
     def make(cls, kind: str, n_models: int, **given: Any) -> _Keep:
@@ -131,6 +133,8 @@ class _Keep:
                     torch.ops.aten.hardshrink.out(row, self.shrink_lo[i], out=row)
                 if hi < math.inf:
                     row.sub_(spare)
+        elif self.kind == "mask":
+            deltas.mul_(self.masks[list(models), offset : offset + deltas.shape[1]])
         elif self.kind == "random" and self.packed is not None:
             deltas.mul_(sparsify.unpack_keep(self.packed, offset, offset + deltas.shape[1], models))
         elif self.kind == "random":
@@ -147,10 +151,18 @@ def _keep_rule(
     flat_base: Tensor,
     model_params: Sequence[Mapping[str, Any]],
     seed: int,
+    shape: torch.Size,
 ) -> _Keep:
     densities = [float(mp.get("density", 1.0)) for mp in model_params]
     if sparsification is None or all(d >= 1 for d in densities):
         return _Keep.make("all", len(flat))
+    if sparsification == "della":
+        masks = torch.ones(len(flat), flat_base.numel(), dtype=torch.bool, device=flat_base.device)
+        for i, (x, mp) in enumerate(zip(flat, model_params)):
+            if densities[i] < 1:
+                delta = (x.to(_F32) - flat_base.to(_F32)).view(shape)
+                masks[i] = sparsify.della_keep(delta, densities[i], float(mp["epsilon"]), rng.stream_key(seed, i))
+        return _Keep.make("mask", len(flat), masks=masks)
     if sparsification == "random":
         keys = tuple(rng.stream_key(seed, i) for i in range(len(flat)))
         cutoffs = tuple(rng.keep_cutoff(d) for d in densities)

@@ -67,7 +67,7 @@ class SearchSpace:
         layers = layer_counts[self.cfg.base_model or self.cfg.models[0]]
         self.groups = 1 if ps.layer_granularity == 0 else math.ceil(layers / ps.layer_granularity)
         self.parts = PARTS if ps.split_attn_mlp else (("all", None),)
-        self.members = [m for m in self.cfg.models if not (kernel.uses_base and m == self.cfg.base_model)]
+        self.members = [m for m in self.cfg.models if not (kernel.takes_base and m == self.cfg.base_model)]
         for name, bounds in tune.items():
             if name not in tunable:
                 raise UserError(f"ps.tune: {ps.method} has no tunable parameter {name!r} (tunable: {', '.join(tunable) or 'none'})")
