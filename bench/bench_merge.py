@@ -72,7 +72,21 @@ MORE = {
     "karcher": lambda fam: {"merge_method": "karcher", "models": [{"model": str(fam[m])} for m in ("base", "a", "b")]},
     "nearswap": lambda fam: {"merge_method": "nearswap", "base_model": str(fam["base"]), "models": [{"model": str(fam["a"])}],
                              "parameters": {"t": 0.001}},
+    "della": lambda fam: _two(fam, "della", {"weight": 0.5, "density": 0.5}),
+    "della_linear": lambda fam: _two(fam, "della_linear", {"weight": 0.5, "density": 0.5}),
+    "sce": lambda fam: _two(fam, "sce", None, {"select_topk": 0.5}),
+    "nuslerp": lambda fam: _two(fam, "nuslerp", {"weight": 0.5}),
+    "multislerp": lambda fam: _two(fam, "multislerp", {"weight": 0.5}),
+    "arcee_fusion": lambda fam: {"merge_method": "arcee_fusion", "base_model": str(fam["base"]), "models": [{"model": str(fam["a"])}]},
+    "ram": lambda fam: _two(fam, "ram", None),
+    "ramplus_tl": lambda fam: _two(fam, "ramplus_tl", None),
 }
+
+
+def _two(fam: dict, method: str, per_model: dict | None, params: dict | None = None) -> dict:
+    """``method`` over the two fine-tunes and their base."""
+    models = [{"model": str(fam[m]), **({"parameters": per_model} if per_model else {})} for m in ("a", "b")]
+    return {"merge_method": method, "base_model": str(fam["base"]), "models": models, **({"parameters": params} if params else {})}
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -190,3 +191,26 @@ def test_a_recipe_whose_scales_compound_too_far_is_refused(tiny_zoo, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "routing slot 1" in err[0] and "16" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear", "sce", "nuslerp", "multislerp", "arcee_fusion", "ram",
+                                    "ramplus_tl"])
+def test_newer_methods_search_what_they_export(real_zoo, tmp_path, method):
+    """Each newer method as ``ps.method``: a genome decodes to a recipe whose live candidate
+    has exactly the tensors `evomerge merge` writes for it. arcee_fusion and ram have
+    nothing to tune, so they take part in a search with a data-flow space."""
+    from evomerge.run.search import build_space
+    from evomerge.space.config import load_search_config
+
+    skills = zoo_skills(real_zoo)[: 1 if method == "arcee_fusion" else 2]
+    cfg = search_config(real_zoo, tmp_path / "c.yaml", models=[str(real_zoo / s) for s in skills],
+                        ps={"method": method, "layer_granularity": 1},
+                        **({"dfs": {"repeats": 1}} if method in ("arcee_fusion", "ram") else {}))
+    space = build_space(load_search_config(cfg))
+    recipe = space.decode(np.random.default_rng(0).random(space.dim))
+    assert recipe.merge_method == method
+    merge_to_disk(recipe, tmp_path / "out", progress=False)
+    worker = CandidateWorker(load_search_config(cfg).model_dump(mode="json"))
+    state = worker.materialize(recipe).state_dict()
+    for name, t in load_file(tmp_path / "out" / "model.safetensors").items():
+        assert torch.equal(state[name], t.to(state[name].dtype)), name

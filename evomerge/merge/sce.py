@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evomerge.merge.sparsify import kth_smallest
+
 
 def merge(tensors: Sequence[Tensor], base: Tensor, model_params: Sequence[Mapping[str, Any]],
           params: Mapping[str, Any], seed: int = 0) -> Tensor:
@@ -48,7 +50,9 @@ def model_weights(vectors: Tensor) -> Tensor:
 def select_mask(vectors: Tensor, share: float) -> Tensor:
     """1 at the int(share * nonzero) entries of largest variance across models, else 0.
 
-    A top-k selection, so it costs what a sort does; SCE has no cheaper rule."""
+    mergekit takes them with ``torch.topk``, which costs a sort of the tensor; the same set
+    is every entry at or above the k-th largest variance, found by selection in O(n),
+    unless entries tie at that value: then topk's own choice among them is kept."""
     if share <= 0:
         return torch.zeros_like(vectors[0])
     variance = torch.var(vectors, dim=0, unbiased=False)
@@ -56,6 +60,10 @@ def select_mask(vectors: Tensor, share: float) -> Tensor:
     mask = torch.zeros_like(variance)
     if k == 0:
         return mask
-    _, index = torch.topk(variance.abs().view(-1), k=k, largest=True)
+    flat = variance.abs().view(-1)
+    above = flat >= kth_smallest(flat, flat.numel() - k + 1)
+    if int(torch.count_nonzero(above)) == k:
+        return above.to(mask.dtype).view(mask.shape)
+    _, index = torch.topk(flat, k=k, largest=True)
     mask.view(-1)[index] = 1
     return mask

@@ -179,24 +179,47 @@ def dare_keep(index: Tensor, key: int | Tensor, cutoff: int | Tensor) -> Tensor:
     return rng.random_bits(key, index) < cutoff
 
 
-def della_keep(delta: Tensor, density: float, epsilon: float, key: int) -> Tensor:
+def della_keep(delta: Tensor, density: float, epsilon: float, key: int, index: Tensor | None = None) -> Tensor:
     """DELLA's MagPrune keep mask (Deep et al. 2024), flat bool: within each row (the last
     axes after the first; a 1-D tensor is one row) an entry of magnitude rank r among n
     (0 = smallest) is kept with probability density - epsilon + 2 * epsilon * r / (n - 1),
     so larger changes survive more often and the mean keep rate is ``density``; drawn
-    from the counter-based hash as DARE's mask is. Ranking needs a sort of each row: DELLA
-    has no rank-free form. mergekit 0.1.5 ranks along dim 1 the same way."""
+    from the counter-based hash as DARE's mask is. mergekit 0.1.5 ranks along dim 1 the
+    same way.
+
+    DELLA needs each row's order, so one sort per row (of the int32 bit patterns, which
+    order like non-negative floats and sort several times faster); the draws are compared
+    in sorted order with one cutoff per rank and scattered back, so no second sort turns
+    orders into ranks; blocks of rows run on all threads. ``index``: each entry's element
+    index for the hash, when ``delta`` is a reordered view (default: its own order)."""
     if density - epsilon <= 0 or density + epsilon >= 1:
         raise UserError(f"della: density {density:g} +/- epsilon {epsilon:g} must lie inside (0, 1); "
                         "lower epsilon or move density away from 0 and 1")
-    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
-    n = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)
-    spread = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
-    probability = (density - epsilon) + spread * (2 * epsilon)
-    cutoffs = torch.round(probability * (1 << rng.BITS)).to(torch.int64)
-    index = torch.arange(rows.numel(), device=rows.device).view(rows.shape)
-    return (rng.random_bits(key, index) < cutoffs).reshape(-1)
+    if delta.dim() > 2:  # rows run along dim 1: move it last so every row is contiguous
+        moved = delta.movedim(1, -1)
+        flat_index = torch.arange(delta.numel(), device=delta.device).view(delta.shape).movedim(1, -1).reshape(-1)
+        keep = torch.empty(moved.numel(), dtype=torch.bool, device=delta.device)
+        keep[flat_index] = della_keep(moved.reshape(-1, delta.shape[1]), density, epsilon, key, flat_index)
+        return keep
+    rows = delta if delta.dim() == 2 else delta.reshape(1, -1)
+    n_rows, n = rows.shape
+    spread = torch.arange(n, dtype=torch.float32, device=rows.device) / max(n - 1, 1)
+    cutoffs = torch.round(((density - epsilon) + spread * (2 * epsilon)) * (1 << rng.BITS)).to(torch.int32)
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
+
+    def run(first: int, last: int) -> None:  # rows first..last-1, each sorted on its own
+        if index is not None:
+            bits = rng.random_bits(key, index[first * n : last * n]).to(torch.int32)
+        elif rows.device.type == "cpu":
+            bits = torch.from_numpy(rng.random_bits_range([key], first * n, last * n)[0].view(np.int32))
+        else:
+            bits = rng.random_bits(key, torch.arange(first * n, last * n, device=rows.device)).to(torch.int32)
+        bits = bits.view(last - first, n)
+        order = rows[first:last].abs().to(torch.float32).contiguous().view(torch.int32).sort(dim=1, stable=True).indices
+        keep[first:last].scatter_(1, order, bits.gather(1, order) < cutoffs)
+
+    threads.map_ranges(run, n_rows, max(1, _STEP // n), rows.device)
+    return keep.reshape(-1)
 
 
 def dare_keep_bits(keys: Sequence[int], cutoffs: Sequence[int], n: int) -> np.ndarray:
