@@ -24,7 +24,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 SEARCHES = ("toy_ps", "toy_ps_dfs", "toy_dfs")
-BEGIN, END = "<!-- toy-results:begin -->", "<!-- toy-results:end -->"
 TOLERANCE = 0.02  # per cell: what a newcomer's run may differ by (issue: a proof that reproduces)
 
 
@@ -69,19 +68,22 @@ def table(zoo: Path, searches: bool = True) -> tuple[str, dict[str, float]]:
     return "\n".join(lines), times
 
 
-def readme_block(readme: str) -> str:
+def readme_block(readme: str, name: str = "toy-results") -> str:
+    """The text between a page's ``<!-- name:begin -->`` and ``<!-- name:end -->`` markers."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     try:
-        return readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+        return readme.split(begin, 1)[1].split(end, 1)[0].strip()
     except IndexError:
-        raise SystemExit(f"README has no {BEGIN} ... {END} block") from None
+        raise SystemExit(f"no {begin} ... {end} block") from None
 
 
 def _cells(text: str) -> dict[str, list[float]]:
+    """Each table row's label (first cell) -> its last four cells, the scores."""
     out = {}
     for row in text.splitlines():
         parts = [p.strip() for p in row.strip().strip("|").split("|")]
-        if len(parts) == 5 and re.fullmatch(r"[\d.]+", parts[1]):
-            out[parts[0]] = [float(p) for p in parts[1:]]
+        if len(parts) >= 5 and all(re.fullmatch(r"[\d.]+", p) for p in parts[-4:]):
+            out[parts[0]] = [float(p) for p in parts[-4:]]
     return out
 
 

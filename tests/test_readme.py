@@ -34,3 +34,24 @@ def test_readme_results_reproduce():
     done = subprocess.run([sys.executable, str(REPO / "bench" / "readme_results.py"), "--zoo", str(zoo),
                            "--check", str(REPO / "README.md")], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, (done.stderr.strip().splitlines() or ["no output"])[-1] + "\n" + done.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_methods_table_reproduces():
+    """docs/methods.md's table is what `python bench/methods_table.py` prints on the default zoo."""
+    from evomerge.zoo.smollm2 import cache_root
+
+    zoo = cache_root() / "zoo-default"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "methods_table.py"), "--zoo", str(zoo),
+                           "--check", str(REPO / "docs" / "methods.md")], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, (done.stderr.strip().splitlines() or ["no output"])[-1] + "\n" + done.stdout[-3000:]
+
+
+def test_methods_table_lists_every_method():
+    """Every per-tensor method of the registry has a row in docs/methods.md."""
+    from evomerge.merge.kernels import KERNELS
+    from methods_table import SKIP
+
+    block = readme_block((REPO / "docs" / "methods.md").read_text(), "methods")
+    rows = {line.split("|")[1].strip().strip("`") for line in block.splitlines()[2:]}
+    assert rows == set(KERNELS) - set(SKIP) - {"passthrough"}

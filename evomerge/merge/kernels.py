@@ -210,6 +210,20 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
+# Where each method is defined (the docs' method table prints these).
+REFERENCES: dict[str, str] = {
+    "linear": "Wortsman et al. 2022 (model soups)", "slerp": "Shoemake 1985",
+    "passthrough": "mergekit (layer stacking)", "task_arithmetic": "Ilharco et al. 2023",
+    "ties": "Yadav et al. 2023", "dare_linear": "Yu et al. 2024", "dare_ties": "Yu et al. 2024",
+    "breadcrumbs": "Davari & Belilovsky 2024", "breadcrumbs_ties": "Davari & Belilovsky 2024",
+    "della": "Deep et al. 2024", "della_linear": "Deep et al. 2024", "sce": "Wan et al. 2024 (FuseChat)",
+    "nuslerp": "mergekit (no paper)", "multislerp": "mergekit (Goddard's note, no paper)",
+    "arcee_fusion": "Arcee (no paper)", "ram": "arXiv:2601.13572", "ramplus_tl": "arXiv:2601.13572",
+    "model_stock": "Jang et al. 2024", "karcher": "Karcher 1977 (mergekit)", "nearswap": "mergekit (no paper)",
+    "fisher": "Matena & Raffel 2022", "regmean": "Jin et al. 2023", "zipit": "Stoica et al. 2024",
+}
+
+
 def get_kernel(name: str) -> Kernel:
     try:
         return KERNELS[name]
