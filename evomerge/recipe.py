@@ -135,11 +135,19 @@ class Recipe(_Frozen):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
-    chat_template: Optional[str] = None  # accepted for mergekit compatibility; copied from the tokenizer source as is
+    chat_template: Optional[str] = None  # "auto" or a Jinja template (evomerge/io/chat_template.py)
     routing: Optional[Routing] = None
     calibration: Optional[Calibration] = None
     align: Optional[Align] = None
     seed: int = 0  # for random kernels (DARE); `evomerge merge --seed` overrides
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v):
+        if v is not None and v != "auto" and (len(v) < 20 or "{" not in v):
+            raise ValueError("chat_template must be 'auto' (the models' most common template) or a Jinja template's "
+                             "text; mergekit's named templates are files of mergekit's: paste the one you want")
+        return v
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -87,7 +87,21 @@ def build_models(family: dict, root: Path) -> dict[str, Path]:
             m[f"{arch}/{k}_untied"] = _retied(m[f"{arch}/{k}"], root / f"{arch}_{k}_untied", False, 0.02 if j else 0.0, j)
     m.update(_realistic(root))
     m["llama/edges"] = _slerp_edges(m["llama/base"], root / "llama_edges")
+    for k, template in (("base", CHAT_A), ("a", CHAT_B), ("b", CHAT_B)):
+        m[f"llama/{k}_chat"] = _with_chat_template(m[f"llama/{k}"], root / f"llama_{k}_chat", template)
     return m
+
+
+CHAT_A = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+CHAT_B = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}\n"
+CHAT_GIVEN = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+
+
+def _with_chat_template(src: Path, dst: Path, template: str) -> Path:
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").write_text(template)
+    return dst
 
 
 
@@ -309,6 +323,16 @@ def trim_tie_cases(m) -> dict[str, tuple]:
             "breadcrumbs_at_threshold": (trim("breadcrumbs", density=0.5, gamma=0.1), 0.5, 0.1)}
 
 
+def chat_template_cases(m) -> dict[str, tuple[dict, str]]:
+    """name -> (recipe, the template the output's tokenizer must have): mergekit applies a
+    chat template only when it builds a tokenizer, so these name a tokenizer_source."""
+    def linear(**top):
+        return {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "base", "base_model": str(m["llama/base_chat"]),
+                "models": [_src(m, f"llama/{k}_chat", {"weight": 0.5}) for k in ("base", "a", "b")], **top}
+    return {"chat_template_auto": (linear(chat_template="auto"), CHAT_B.strip()),
+            "chat_template_text": (linear(chat_template=CHAT_GIVEN), CHAT_GIVEN)}
+
+
 def all_recipes(m) -> dict[str, dict]:
     recipes = {f"{arch}-{name}": r for arch in ARCHS for name, r in exact_cases(m, arch).items()}
     recipes |= {tied_name(*case): tied_case(m, *case) for case in TIED}
@@ -316,6 +340,7 @@ def all_recipes(m) -> dict[str, dict]:
     recipes |= {name: spec[0] for name, spec in bf16_bounded_cases(m).items()}
     recipes |= {name: spec[0] for name, spec in dare_cases(m).items()}
     recipes |= {name: spec[0] for name, spec in trim_tie_cases(m).items()}
+    recipes |= {name: spec[0] for name, spec in chat_template_cases(m).items()}
     return recipes
 
 

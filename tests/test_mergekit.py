@@ -33,7 +33,7 @@ from evomerge.cli import main as evomerge_cli
 from evomerge.merge.to_disk import merge_to_disk
 from evomerge.recipe import parse_recipe
 from mergekit_cases import (EXACT, TIED, AnyPath, all_recipes, bf16_bounded_cases, bf16_exact_cases, build_models,
-                            dare_cases, exact_cases, tied_case, tied_name, trim_tie_cases)
+                            chat_template_cases, dare_cases, exact_cases, tied_case, tied_name, trim_tie_cases)
 from mergekit_env import run_mergekit, run_mergekit_many
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2**-7: one ulp at 1
@@ -256,6 +256,29 @@ def test_della_keeps_larger_changes_more_often_like_mergekit(case, models, merge
             sigma = math.sqrt(count * 0.25)
             assert abs(got - want) <= 5 * sigma, f"{tool}: kept {got} of {count}, the rule expects {want:.0f}"
         assert high / n_high - low / n_low > epsilon, f"{tool}: larger changes not kept more often"
+
+
+# --- chat templates --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(chat_template_cases(AnyPath())))
+def test_chat_template_like_mergekit(case, models, mergekit_out, tmp_path):
+    """`chat_template: auto` takes the models' most common template, a template's text is
+    written as given: the output's tokenizer has the template mergekit's has, and the tensors
+    are mergekit's."""
+    from transformers import AutoTokenizer
+
+    recipe, want = chat_template_cases(models)[case]
+    ev_dir = evomerge(recipe, tmp_path / "evo")
+    for tool, d in (("mergekit", mergekit_out[case]), ("evomerge", ev_dir)):
+        assert AutoTokenizer.from_pretrained(d).chat_template == want, tool
+    assert_equal_tensors(mergekit_out[case], ev_dir)
+
+
+def test_a_chat_template_name_is_refused_with_the_fix(models, tmp_path, capsys):
+    recipe = dict(chat_template_cases(models)["chat_template_auto"][0], chat_template="chatml")
+    assert evomerge_cli(["merge", str(write_yaml(tmp_path / "r.yaml", recipe)), str(tmp_path / "out")]) == 2
+    assert "paste the one you want" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # --- magnitude ties at a trim threshold ------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..io import chat_template
 from ..io.model_dir import ModelDir
 from ..io.safetensors_file import StreamingWriter, has_nonfinite
 from ..io.writer import atomic_dir, check_out_dir, copy_tokenizer, shard_layout, shard_names, write_json, write_text
@@ -86,6 +87,8 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | Non
     if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer.model").is_file() and not (tok_dir / "vocab.json").is_file():
         raise UserError(f"{tok_dir}: no tokenizer files to copy; set tokenizer_source to a model that has them")
 
+    template = chat_template.resolve(recipe.chat_template, [sources[r].path for r in recipe.model_refs() if r in sources])
+
     recipe_yaml = recipe.to_yaml() if seed is None else recipe.model_copy(update={"seed": seed}).to_yaml()
     by_name = {o.name: o for o in p.outputs}
     groups = shard_layout([(o.name, o.nbytes) for o in p.outputs], max_shard_bytes)
@@ -113,6 +116,8 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | Non
             })
         write_json(tmp / "config.json", p.config)
         copy_tokenizer(tok_dir, tmp)
+        if template is not None:
+            chat_template.write(tmp, template)
         write_text(tmp / "evomerge_recipe.yaml", recipe_yaml)
         for name, text in (extra_files or {}).items():
             write_text(tmp / name, text)

@@ -1,0 +1,57 @@
+"""A recipe's ``chat_template``, as mergekit 0.1.5 reads it: ``auto`` or a Jinja template.
+
+``auto`` takes the template most of the recipe's models have (as ``AutoTokenizer`` sees it,
+stripped; a dict of named templates counts by its ``default``); a tie goes to the model named
+first, the base first (mergekit's order there is a set's, so not reproducible); no template
+among them leaves the tokenizer source's as it is. Any other value is the template's Jinja
+text itself (mergekit refuses a value under 20 characters or without a ``{``, and so does the
+recipe's validation). mergekit's named templates (chatml, llama3, alpaca, mistral, exaone) are
+data files of mergekit's own, not shipped here: a name is refused with how to give the text.
+
+The result is written the way ``save_pretrained`` writes a template in transformers 5: as
+``chat_template.jinja``, which takes precedence over a ``chat_template`` in
+``tokenizer_config.json`` (dropped from the copy, so the directory says one thing).
+mergekit applies a chat template only when it builds a tokenizer (``tokenizer_source`` or
+``tokenizer:`` given) and ignores it with a warning otherwise; evomerge always applies it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+AUTO = "auto"
+JINJA_FILE = "chat_template.jinja"
+
+
+def resolve(template: str | None, model_dirs: Sequence[Path]) -> str | None:
+    """The template text to write, or None to keep the tokenizer source's; ``template`` is a
+    recipe's, already checked there (evomerge/recipe.py)."""
+    if template != AUTO:
+        return template
+    found = [t for d in model_dirs if (t := read(d))]
+    return Counter(found).most_common(1)[0][0] if found else None
+
+
+def read(model_dir: Path) -> str | None:
+    """``model_dir``'s chat template as AutoTokenizer loads it, stripped; None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        template = AutoTokenizer.from_pretrained(model_dir).chat_template
+    except Exception:  # no or unreadable tokenizer: it has no say, as in mergekit
+        return None
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template.strip() if template else None
+
+
+def write(out_dir: Path, template: str) -> None:
+    (out_dir / JINJA_FILE).write_text(template, encoding="utf-8")
+    config = out_dir / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if data.pop("chat_template", None) is not None:
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
