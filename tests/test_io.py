@@ -86,6 +86,23 @@ def test_pickles_refused(tmp_path):
         ModelDir(d)
 
 
+def test_a_peft_adapter_is_not_read_as_a_model(family, tmp_path):
+    """An adapter dir, even one that carries its base's config.json, holds low-rank factors in
+    adapter_model.safetensors: refused with what to do, never merged as if they were weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    shutil.copy(family["llama"]["base"] / "config.json", d / "config.json")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8)},
+              d / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="PEFT adapter.*merge_and_unload"):
+        ModelDir(d)
+
+
 def test_missing_dir_and_config(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         ModelDir(tmp_path / "nope")

@@ -27,6 +27,11 @@ class ModelDir:
         self.path = Path(path).expanduser()
         if not self.path.is_dir():
             raise UserError(f"model directory {str(path)!r} does not exist; give a local Hugging Face model directory (hub ids are not fetched: download it first)")
+        if (self.path / "adapter_config.json").is_file():
+            # its adapter_model.safetensors holds low-rank factors, not weights: never read them as a model
+            raise UserError(f"{self.path} is a PEFT adapter (adapter_config.json), not a model; LoRA sources "
+                            "(mergekit's model+lora) are not supported yet: merge the adapter into its base first "
+                            "(peft: PeftModel.from_pretrained(base, dir).merge_and_unload().save_pretrained(out))")
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise UserError(f"{self.path}: no config.json; this is not a Hugging Face model directory")
