@@ -87,6 +87,8 @@ def build_models(family: dict, root: Path) -> dict[str, Path]:
             m[f"{arch}/{k}_untied"] = _retied(m[f"{arch}/{k}"], root / f"{arch}_{k}_untied", False, 0.02 if j else 0.0, j)
     m.update(_realistic(root))
     m["llama/edges"] = _slerp_edges(m["llama/base"], root / "llama_edges")
+    m["llama/lora"] = _lora_adapter(m["llama/base"], root / "llama_lora", rank=4, alpha=8, rslora=False)
+    m["llama/lora_rs"] = _lora_adapter(m["llama/base"], root / "llama_lora_rs", rank=8, alpha=4, rslora=True)
     for k, template in (("base", CHAT_A), ("a", CHAT_B), ("b", CHAT_B)):
         m[f"llama/{k}_chat"] = _with_chat_template(m[f"llama/{k}"], root / f"llama_{k}_chat", template)
     return m
@@ -95,6 +97,28 @@ def build_models(family: dict, root: Path) -> dict[str, Path]:
 CHAT_A = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
 CHAT_B = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}\n"
 CHAT_GIVEN = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+
+
+def _lora_adapter(base: Path, dst: Path, rank: int, alpha: float, rslora: bool) -> Path:
+    """A PEFT LoRA adapter of ``base`` (q, v and down projections of every layer), written as
+    peft writes one: adapter_config.json and adapter_model.safetensors."""
+    w = load_file(base / "model.safetensors")
+    gen = torch.Generator().manual_seed(rank)
+    factors = {}
+    for name, t in w.items():
+        if name.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")):
+            module = "base_model.model." + name.removesuffix(".weight")
+            factors[module + ".lora_A.weight"] = 0.1 * torch.randn(rank, t.shape[1], generator=gen)
+            factors[module + ".lora_B.weight"] = 0.1 * torch.randn(t.shape[0], rank, generator=gen)
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    save_file(factors, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": rank,
+              "lora_alpha": alpha, "use_rslora": rslora, "target_modules": ["q_proj", "v_proj", "down_proj"],
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+              "init_lora_weights": True, "inference_mode": True}
+    (dst / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return dst
 
 
 def _with_chat_template(src: Path, dst: Path, template: str) -> Path:
@@ -333,6 +357,17 @@ def chat_template_cases(m) -> dict[str, tuple[dict, str]]:
             "chat_template_text": (linear(chat_template=CHAT_GIVEN), CHAT_GIVEN)}
 
 
+def lora_cases(m) -> dict[str, dict]:
+    """LoRA sources (MODEL+ADAPTER), merged in by mergekit through peft's merge_and_unload."""
+    lora, lora_rs = (f"{m['llama/base']}+{m[k]}" for k in ("llama/lora", "llama/lora_rs"))
+    return {
+        "lora_linear": {"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": lora, "parameters": {"weight": 0.6}}, _src(m, "llama/a", {"weight": 0.4})]},
+        "lora_task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(m["llama/base"]), "dtype": "float32",
+                                 "models": [{"model": lora_rs, "parameters": {"weight": 0.8}}, _src(m, "llama/a", {"weight": 0.5})]},
+    }
+
+
 def all_recipes(m) -> dict[str, dict]:
     recipes = {f"{arch}-{name}": r for arch in ARCHS for name, r in exact_cases(m, arch).items()}
     recipes |= {tied_name(*case): tied_case(m, *case) for case in TIED}
@@ -341,6 +376,7 @@ def all_recipes(m) -> dict[str, dict]:
     recipes |= {name: spec[0] for name, spec in dare_cases(m).items()}
     recipes |= {name: spec[0] for name, spec in trim_tie_cases(m).items()}
     recipes |= {name: spec[0] for name, spec in chat_template_cases(m).items()}
+    recipes |= lora_cases(m)
     return recipes
 
 

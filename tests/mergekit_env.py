@@ -135,5 +135,6 @@ def run_mergekit_many(recipes: dict[str, dict], root: str | Path, *, seed: int =
     # to that merge's output (a merge named "dare_linear" would depend on itself): numbered names
     dirs = {name: f"evomerge_case_{i:04d}" for i, name in enumerate(recipes)}
     docs.write_text(yaml.safe_dump_all([{"name": dirs[name], **recipe} for name, recipe in recipes.items()], sort_keys=False))
-    _run([str(exe.parent / "mergekit-multi"), str(docs), "-I", str(root), "--no-lazy", *_options(seed, False)], str(docs))
+    _run([str(exe.parent / "mergekit-multi"), str(docs), "-I", str(root), "--no-lazy", *_options(seed, False),
+          "--lora-merge-cache", str(root / "lora_cache")], str(docs))
     return {name: root / d for name, d in dirs.items()}

@@ -160,3 +160,26 @@ def test_has_nonfinite(dtype, numel):
             assert has_nonfinite(u), (bad, where)
     assert not has_nonfinite(torch.arange(5))
     assert not has_nonfinite(torch.empty(0, dtype=dtype))
+
+
+def test_lora_adapters_refused_where_they_cannot_be_merged_exactly(tmp_path):
+    from evomerge.io.lora import LoraAdapter, split_ref
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (d / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(UserError, match="never unpickles"):
+        LoraAdapter(d)
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.lm_head.lora_embedding_A": torch.zeros(4, 8)}, d / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="not a LoRA factor"):
+        LoraAdapter(d)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True}))
+    with pytest.raises(UserError, match="DoRA"):
+        LoraAdapter(d)
+    assert split_ref("models/a+adapters/b") == ("models/a", "adapters/b")
+    assert split_ref(str(d)) == (str(d), None)
+    with pytest.raises(UserError, match="one '\\+'"):
+        split_ref("a+b+c")

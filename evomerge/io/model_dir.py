@@ -99,3 +99,30 @@ class ModelDir:
 
     def load_all(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         return {n: self.get(n).to(device) for n in self.entries}
+
+
+class LoraModelDir(ModelDir):
+    """A model with a PEFT LoRA adapter merged in as its tensors are read (evomerge/io/lora.py);
+    ``path`` stays the model's (config, tokenizer), ``adapter`` is the adapter."""
+
+    def __init__(self, path: str | Path, adapter: str | Path):
+        from .lora import LoraAdapter
+
+        super().__init__(path)
+        self.adapter = LoraAdapter(adapter)
+        missing = [n for n in self.adapter.targets() if n not in self.entries]
+        if missing:
+            raise UserError(f"{self.adapter.path}: changes {missing[0]}, which {self.path} does not have; "
+                            "this adapter was trained on another model")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.adapter.apply(name, super().get(name))
+
+
+def open_model(ref: str | Path, resolve=lambda p: Path(p).expanduser()) -> ModelDir:
+    """The model a reference names: a directory, or MODEL+ADAPTER for a LoRA source;
+    ``resolve`` turns each path into a directory (e.g. relative to a recipe)."""
+    from .lora import split_ref
+
+    model, adapter = split_ref(str(ref))
+    return ModelDir(resolve(model)) if adapter is None else LoraModelDir(resolve(model), resolve(adapter))

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..io import chat_template
-from ..io.model_dir import ModelDir
+from ..io.model_dir import ModelDir, open_model
 from ..io.safetensors_file import StreamingWriter, has_nonfinite
 from ..io.writer import atomic_dir, check_out_dir, copy_tokenizer, shard_layout, shard_names, write_json, write_text
 from ..recipe import MERGE_SOURCE, Recipe
@@ -43,7 +43,7 @@ def with_data_paths(recipe: Recipe, recipe_dir: Path | None) -> Recipe:
 
 
 def open_sources(recipe: Recipe, recipe_dir: Path | None = None) -> dict[str, ModelDir]:
-    return {ref: ModelDir(resolve_model_path(ref, recipe_dir)) for ref in recipe.model_refs()}
+    return {ref: open_model(ref, lambda p: resolve_model_path(p, recipe_dir)) for ref in recipe.model_refs()}
 
 
 def check_device(device: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..io.lora import split_ref
 from ..io.model_dir import ModelDir
 from ..io.writer import atomic_write_text
 from ..optim.registry import make_optimizer
@@ -54,6 +55,9 @@ def apply_overrides(cfg: SearchConfig, o: Overrides) -> SearchConfig:
 def build_space(cfg: SearchConfig) -> SearchSpace:
     """Open every source's header (cheap) to check it and count its layers."""
     for ref in cfg.model_refs():
+        if split_ref(ref)[1] is not None:
+            raise UserError(f"{ref}: LoRA sources are merged by `evomerge merge` so far, not searched; merge the adapter "
+                            "into its model first (`evomerge merge` with a linear recipe of MODEL+ADAPTER, weight 1)")
         if not Path(ref).exists():
             hint = "; build the toy family first with `evomerge zoo build`" if "zoo" in Path(ref).parts else ""
             raise UserError(f"model directory {ref} does not exist{hint}")
