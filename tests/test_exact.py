@@ -214,3 +214,47 @@ def test_newer_methods_search_what_they_export(real_zoo, tmp_path, method):
     state = worker.materialize(recipe).state_dict()
     for name, t in load_file(tmp_path / "out" / "model.safetensors").items():
         assert torch.equal(state[name], t.to(state[name].dtype)), name
+
+
+def test_lora_sources_search_what_they_export(real_zoo, tmp_path):
+    """A LoRA source (MODEL+ADAPTER) in a parameter-space search: the worker holds the model
+    once and the adapter's factors, and the candidate it scores has exactly the tensors
+    `evomerge merge` writes (fp32 and bf16 models; the adapter is merged in per tensor)."""
+    from mergekit_cases import _lora_adapter
+
+    from evomerge.run.search import build_space
+    from evomerge.space.config import load_search_config
+    from evomerge.workers.resident import ResidentLora
+
+    adapter = _lora_adapter(real_zoo / "base", tmp_path / "adapter", rank=4, alpha=8, rslora=False)
+    skill = zoo_skills(real_zoo)[0]
+    cfg = search_config(real_zoo, tmp_path / "c.yaml", models=[f"{real_zoo / 'base'}+{adapter}", str(real_zoo / skill)],
+                        ps={"method": "task_arithmetic", "layer_granularity": 1})
+    space = build_space(load_search_config(cfg))
+    recipe = space.decode(np.random.default_rng(0).random(space.dim))
+    merge_to_disk(recipe, tmp_path / "out", progress=False)
+    worker = CandidateWorker(load_search_config(cfg).model_dump(mode="json"))
+    lora = next(s for s in worker.sources.values() if isinstance(s, ResidentLora))
+    assert lora.base is worker.sources[str(real_zoo / "base")]  # the model is resident once
+    state = worker.materialize(recipe).state_dict()
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    for name, t in written.items():
+        assert torch.equal(state[name], t.to(state[name].dtype)), name
+    base = load_file(real_zoo / "base" / "model.safetensors")
+    assert any(not torch.equal(written[n], base[n]) for n in lora.adapter.targets())
+
+
+def test_a_search_over_a_lora_source_runs_and_refuses_routing_it(tiny_zoo, tmp_path, capsys):
+    from mergekit_cases import _lora_adapter
+
+    from evomerge.cli import main as cli
+
+    adapter = _lora_adapter(tiny_zoo / "base", tmp_path / "adapter", rank=2, alpha=2, rslora=True)
+    models = [f"{tiny_zoo / 'base'}+{adapter}", str(tiny_zoo / zoo_skills(tiny_zoo)[0])]
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", models=models, optimizer={"popsize": 4, "max_evals": 4, "seed": 0})
+    assert cli(["search", str(cfg), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    assert (tmp_path / "run" / "results.md").is_file()
+    routed = search_config(tiny_zoo, tmp_path / "d.yaml", models=models, dfs={"repeats": 1})
+    capsys.readouterr()
+    assert cli(["search", str(routed), "--run-dir", str(tmp_path / "run2"), "--quiet"]) == 2
+    assert "cannot be a data-flow source" in capsys.readouterr().err

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import search_config, write_yaml
+from conftest import write_yaml
 from evomerge.cli import main as evomerge_cli
 from evomerge.merge.to_disk import merge_to_disk
 from evomerge.recipe import parse_recipe
@@ -267,15 +266,6 @@ def test_lora_sources_equal_mergekit(case, models, mergekit_out, tmp_path):
     """MODEL+ADAPTER: the adapter merged in tensor by tensor gives mergekit's tensors (which
     merges it with peft's merge_and_unload first), LoRA and rsLoRA scaling alike."""
     assert_equal_tensors(mergekit_out[case], evomerge(lora_cases(models)[case], tmp_path / "evo"))
-
-
-def test_a_lora_source_is_not_searched_yet(tiny_zoo, models, tmp_path, capsys):
-    cfg = search_config(tiny_zoo, tmp_path / "c.yaml")
-    data = yaml.safe_load(cfg.read_text())
-    data["models"][0] = f"{data['models'][0]}+{models['llama/lora']}"
-    cfg.write_text(yaml.safe_dump(data))
-    assert evomerge_cli(["search", str(cfg), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
-    assert "LoRA sources are merged by `evomerge merge`" in capsys.readouterr().err
 
 
 # --- chat templates --------------------------------------------------------------------------

@@ -88,12 +88,14 @@ class LoraAdapter:
         product = b @ a
         return (product.T if self.fan_in_fan_out else product) * self.scaling
 
-    def apply(self, tensor_name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` with the adapter merged in, in its own dtype (one rounding)."""
+    def apply(self, tensor_name: str, weight: torch.Tensor, stored: torch.dtype | None = None) -> torch.Tensor:
+        """``weight`` with the adapter merged in, rounded once to ``stored`` (the dtype on disk;
+        default: the weight's own) and returned in the weight's dtype: a resident float32 copy
+        of a bf16 model gets exactly the values the merged file would hold."""
         d = self.delta(tensor_name)
         if d is None:
             return weight
         if tuple(d.shape) != tuple(weight.shape):
             raise UserError(f"{self.path}: the factors of {tensor_name} give {list(d.shape)}, the model's tensor is "
                             f"{list(weight.shape)}; this adapter was trained on another model")
-        return (weight.float() + d).to(weight.dtype)
+        return (weight.float() + d.to(weight.device)).to(stored or weight.dtype).to(weight.dtype)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..io.lora import split_ref
-from ..io.model_dir import ModelDir
+from ..io.model_dir import open_model
+from ..merge.kernels import get_kernel
 from ..io.writer import atomic_write_text
 from ..optim.registry import make_optimizer
 from ..space.codec import SearchSpace
@@ -54,20 +55,39 @@ def apply_overrides(cfg: SearchConfig, o: Overrides) -> SearchConfig:
 
 def build_space(cfg: SearchConfig) -> SearchSpace:
     """Open every source's header (cheap) to check it and count its layers."""
+    loras = [ref for ref in cfg.model_refs() if split_ref(ref)[1] is not None]
+    _check_lora_sources(cfg, loras)
     for ref in cfg.model_refs():
-        if split_ref(ref)[1] is not None:
-            raise UserError(f"{ref}: LoRA sources are merged by `evomerge merge` so far, not searched; merge the adapter "
-                            "into its model first (`evomerge merge` with a linear recipe of MODEL+ADAPTER, weight 1)")
-        if not Path(ref).exists():
-            hint = "; build the toy family first with `evomerge zoo build`" if "zoo" in Path(ref).parts else ""
-            raise UserError(f"model directory {ref} does not exist{hint}")
-    dirs = {ref: ModelDir(ref) for ref in cfg.model_refs()}
+        for path in filter(None, split_ref(ref)):
+            if not Path(path).exists():
+                hint = "; build the toy family first with `evomerge zoo build`" if "zoo" in Path(path).parts else ""
+                raise UserError(f"model directory {path} does not exist{hint}")
+    dirs = {ref: open_model(ref) for ref in cfg.model_refs()}
     first = next(iter(dirs.values()))
     for ref, d in dirs.items():
         if d.arch.model_type != first.arch.model_type or d.arch.vocab_size != first.arch.vocab_size:
             raise UserError(f"{ref} ({d.arch.model_type}, vocab {d.arch.vocab_size}) does not match "
                             f"{first.path} ({first.arch.model_type}, vocab {first.arch.vocab_size}); search over one model family")
     return SearchSpace(cfg, {ref: d.arch.num_layers for ref, d in dirs.items()})
+
+
+def _check_lora_sources(cfg: SearchConfig, loras: list[str]) -> None:
+    """LoRA sources take part in parameter-space merges: a worker holds their factors beside
+    the resident model and merges them in per tensor (workers/resident.py). A data-flow path
+    runs a source's own blocks, and statistics are computed on whole models: not for them yet."""
+    if not loras:
+        return
+    routed = [ref for ref in cfg.dfs_sources() if ref in loras]
+    home = cfg.base_model or cfg.models[0]
+    if routed or (cfg.dfs is not None and cfg.dfs.embeddings in loras):
+        raise UserError(f"{(routed or loras)[0]}: a LoRA source cannot be a data-flow source (its blocks would be a whole "
+                        "fine-tune); list it in models for the parameter space only, or merge the adapter first")
+    if home in loras:
+        raise UserError(f"{home}: the search's home model (base_model, else the first model) must be a model directory, "
+                        "not a LoRA source; set base_model to the adapter's model")
+    if cfg.ps is not None and get_kernel(cfg.ps.method).stats:
+        raise UserError(f"{loras[0]}: {cfg.ps.method} needs statistics of whole models, which LoRA sources do not have yet; "
+                        "merge the adapter first")
 
 
 def new_optimizer(cfg: SearchConfig, space: SearchSpace):

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from ..errors import UserError
+from ..io.lora import split_ref
 from ..recipe import COMPUTE_DTYPES, DTYPES, MERGE_SOURCE, Calibration
 from ..yaml_files import read_yaml, validate
 
@@ -237,9 +238,13 @@ class SearchConfig(_Frozen):
 
 
 def _resolve(ref: str, base_dir: Path) -> str:
-    """Relative paths in a config are relative to the config file's folder, wherever the command runs."""
+    """Relative paths in a config are relative to the config file's folder, wherever the command
+    runs; both paths of a LoRA source (MODEL+ADAPTER)."""
     if ref == MERGE_SOURCE:
         return ref
+    model, adapter = split_ref(ref)
+    if adapter is not None:
+        return f"{_resolve(model, base_dir)}+{_resolve(adapter, base_dir)}"
     p = Path(ref).expanduser()
     return str(p if p.is_absolute() else (base_dir / p).resolve())
 

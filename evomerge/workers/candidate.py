@@ -26,7 +26,7 @@ from ..merge.materialize import compute, plan  # noqa: E402
 from ..merge.prepare import stats_sources  # noqa: E402
 from ..recipe import MERGE_SOURCE, Recipe, parse_recipe  # noqa: E402
 from ..space.config import SearchConfig  # noqa: E402
-from .resident import ResidentModel  # noqa: E402
+from .resident import ResidentLora, ResidentModel  # noqa: E402
 from .routed import RoutedBuilder  # noqa: E402
 
 
@@ -61,7 +61,7 @@ class CandidateWorker:
         self.cfg = SearchConfig.model_validate(config)
         self.device = device
         compute_dtype = self.cfg.workers.compute_dtype
-        self.sources = {ref: ResidentModel(ref, device, compute_dtype) for ref in self.cfg.model_refs()}
+        self.sources = resident_sources(self.cfg.model_refs(), device, compute_dtype)
         if self.cfg.ps is not None and get_kernel(self.cfg.ps.method).stats:
             # statistics (Fisher, Grams) held resident beside the sources: read from the cache
             # the driver filled before the workers started (run/search.py, check_plan)
@@ -170,3 +170,18 @@ class ForwardTimer:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
+
+
+def resident_sources(refs: list[str], device: str, compute_dtype: str | None) -> dict:
+    """Every reference's resident source; a model is loaded once however many references
+    name it (itself, or as the model of LoRA sources MODEL+ADAPTER)."""
+    from ..io.lora import split_ref
+
+    models: dict[str, ResidentModel] = {}
+    out = {}
+    for ref in refs:
+        model, adapter = split_ref(ref)
+        if model not in models:
+            models[model] = ResidentModel(model, device, compute_dtype)
+        out[ref] = models[model] if adapter is None else ResidentLora(models[model], adapter)
+    return out

@@ -66,3 +66,34 @@ def blocks_of(model: nn.Module, layer_prefix: str) -> nn.ModuleList:
     for part in layer_prefix.split("."):
         node = getattr(node, part)
     return node
+
+
+class ResidentLora:
+    """A LoRA source (MODEL+ADAPTER) on a worker: the resident MODEL, shared with every other
+    reference to it, and the adapter's factors; each tensor the adapter targets is merged in
+    when a candidate reads it (one small matmul), rounded to the dtype on disk as `evomerge
+    merge` rounds it, so no fine-tuned copy of the model is held. Parameter-space reads only:
+    a data-flow path would run its own blocks (the search refuses that, run/search.py)."""
+
+    def __init__(self, model: ResidentModel, adapter_path: str):
+        from ..io.lora import LoraAdapter
+
+        self.base, self.adapter = model, LoraAdapter(adapter_path)
+        self.path, self.config, self.arch = model.path, model.config, model.arch
+        self.stored, self.compute_dtype, self.entries = model.stored, model.compute_dtype, model.entries
+        missing = [n for n in self.adapter.targets() if n not in model]
+        if missing:
+            raise UserError(f"{self.adapter.path}: changes {missing[0]}, which {model.path} does not have; "
+                            "this adapter was trained on another model")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.adapter.apply(name, self.base.get(name), self.base.dtype(name))
