@@ -87,6 +87,24 @@ class OutputSlice(_Frozen):
     sources: list[InputSlice]
     base_model: Optional[str] = None
     parameters: Optional[dict[str, Setting]] = None
+    residual_weight: Optional[float] = None  # mergekit 0.1.5 declares it and never reads it: accepted, no effect
+
+
+class TokenizerSection(_Frozen):
+    """mergekit's ``tokenizer:`` section. evomerge merges models that share one vocabulary:
+    every source here gives the same tokenizer (evomerge/io/vocab.py checks it)."""
+
+    source: str = "union"  # union | base | a model of the recipe
+    tokens: Optional[dict[str, Any]] = None  # per-token embedding sources: differing vocabularies only
+    pad_to_multiple_of: Optional[int] = None
+
+    @field_validator("tokens")
+    @classmethod
+    def _no_tokens(cls, v):
+        if v:
+            raise ValueError("tokenizer.tokens (per-token embedding sources) needs merging differing vocabularies, "
+                             "which evomerge does not do yet; remove it")
+        return v
 
 
 class Slot(_Frozen):
@@ -135,6 +153,7 @@ class Recipe(_Frozen):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSection] = None
     chat_template: Optional[str] = None  # "auto" or a Jinja template (evomerge/io/chat_template.py)
     routing: Optional[Routing] = None
     calibration: Optional[Calibration] = None
@@ -171,6 +190,8 @@ class Recipe(_Frozen):
                 raise ValueError(f"routing slot source {MERGE_SOURCE!r} needs a merge_method to merge")
             if not self.merge_method and not (self.routing.embeddings or self.base_model):
                 raise ValueError("a routing-only recipe needs base_model or routing.embeddings (for embeddings and head)")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either tokenizer_source or a tokenizer: section, not both")
         if self.align and self.routing:
             raise ValueError("align: permutes whole models; it does not combine with routing")
         if self.align and self.align.method == "activation" and not self.calibration:
@@ -194,6 +215,10 @@ class Recipe(_Frozen):
             if self.routing.embeddings and self.routing.embeddings != MERGE_SOURCE:
                 refs.append(self.routing.embeddings)
         return list(dict.fromkeys(refs))
+
+    def tokenizer_choice(self) -> str | None:
+        """The tokenizer source asked for (``tokenizer:`` section or ``tokenizer_source``), if any."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)

@@ -357,6 +357,24 @@ def chat_template_cases(m) -> dict[str, tuple[dict, str]]:
             "chat_template_text": (linear(chat_template=CHAT_GIVEN), CHAT_GIVEN)}
 
 
+def tokenizer_cases(m) -> dict[str, dict]:
+    """A tokenizer choice over models that share one vocabulary: mergekit builds the output
+    tokenizer and re-indexes the rows to it (the identity here), evomerge copies it."""
+    a, b = (str(m[f"llama/{k}"]) for k in ("a", "b"))
+    two = [_src(m, "llama/a", {"weight": 0.3}), _src(m, "llama/b", {"weight": 0.7})]
+    tv = [_src(m, "llama/a", {"weight": 0.7, "density": 0.5}), _src(m, "llama/b", {"weight": 0.4, "density": 0.6})]
+    return {
+        "tokenizer_source_union": {"merge_method": "linear", "dtype": "float32", "models": two, "tokenizer_source": "union"},
+        "tokenizer_union_padded": {"merge_method": "ties", "base_model": str(m["llama/base"]), "dtype": "float32", "models": tv,
+                                   "tokenizer": {"source": "union", "pad_to_multiple_of": 16}},
+        "tokenizer_model": {"merge_method": "linear", "dtype": "float32", "models": two, "tokenizer": {"source": b}},
+        "tokenizer_base_slices": {"merge_method": "slerp", "base_model": a, "dtype": "float32", "parameters": {"t": 0.4},
+                                  "tokenizer": {"source": "base"}, "slices": [{"sources": [
+                                      {"model": a, "layer_range": [0, 3]}, {"model": b, "layer_range": [0, 3]}],
+                                      "residual_weight": 0.5}]},
+    }
+
+
 def lora_cases(m) -> dict[str, dict]:
     """LoRA sources (MODEL+ADAPTER), merged in by mergekit through peft's merge_and_unload."""
     lora, lora_rs = (f"{m['llama/base']}+{m[k]}" for k in ("llama/lora", "llama/lora_rs"))
@@ -377,6 +395,7 @@ def all_recipes(m) -> dict[str, dict]:
     recipes |= {name: spec[0] for name, spec in trim_tie_cases(m).items()}
     recipes |= {name: spec[0] for name, spec in chat_template_cases(m).items()}
     recipes |= lora_cases(m)
+    recipes |= tokenizer_cases(m)
     return recipes
 
 

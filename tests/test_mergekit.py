@@ -33,7 +33,8 @@ from evomerge.cli import main as evomerge_cli
 from evomerge.merge.to_disk import merge_to_disk
 from evomerge.recipe import parse_recipe
 from mergekit_cases import (EXACT, TIED, AnyPath, all_recipes, bf16_bounded_cases, bf16_exact_cases, build_models,
-                            chat_template_cases, dare_cases, exact_cases, lora_cases, tied_case, tied_name, trim_tie_cases)
+                            chat_template_cases, dare_cases, exact_cases, lora_cases, tied_case, tied_name, tokenizer_cases,
+                            trim_tie_cases)
 from mergekit_env import run_mergekit, run_mergekit_many
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2**-7: one ulp at 1
@@ -266,6 +267,42 @@ def test_lora_sources_equal_mergekit(case, models, mergekit_out, tmp_path):
     """MODEL+ADAPTER: the adapter merged in tensor by tensor gives mergekit's tensors (which
     merges it with peft's merge_and_unload first), LoRA and rsLoRA scaling alike."""
     assert_equal_tensors(mergekit_out[case], evomerge(lora_cases(models)[case], tmp_path / "evo"))
+
+
+# --- tokenizer choices -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(tokenizer_cases(AnyPath())))
+def test_tokenizer_choice_over_one_vocabulary_equals_mergekit(case, models, mergekit_out, tmp_path):
+    """tokenizer_source: union and the tokenizer: section (union, base, a model,
+    pad_to_multiple_of, a slice's residual_weight) over models sharing one vocabulary: the
+    same tensors and the same vocabulary as mergekit."""
+    from transformers import AutoTokenizer
+
+    ev_dir = evomerge(tokenizer_cases(models)[case], tmp_path / "evo")
+    assert_equal_tensors(mergekit_out[case], ev_dir)
+    assert AutoTokenizer.from_pretrained(ev_dir).get_vocab() == AutoTokenizer.from_pretrained(mergekit_out[case]).get_vocab()
+
+
+def test_differing_vocabularies_are_refused_with_a_tokenizer_choice(models, tmp_path, capsys):
+    """A fine-tune with an added token (one more embedding row): mergekit would re-index the
+    rows; evomerge says it cannot yet, in one line, and writes nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = models["llama/a"]
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_tokens(["<|im_end|>"])
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.resize_token_embeddings(len(tok))
+    added = tmp_path / "added"
+    model.save_pretrained(added)
+    tok.save_pretrained(added)
+    recipe = {"merge_method": "linear", "tokenizer_source": "union",
+              "models": [{"model": str(models["llama/b"]), "parameters": {"weight": 0.5}},
+                         {"model": str(added), "parameters": {"weight": 0.5}}]}
+    assert evomerge_cli(["merge", str(write_yaml(tmp_path / "r.yaml", recipe)), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "different vocabularies" in err and "49 vs 48" in err and not (tmp_path / "out").exists()
 
 
 # --- chat templates --------------------------------------------------------------------------

@@ -86,10 +86,8 @@ def plan(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int | None =
         outputs, config = route(recipe, sources, outputs, config, out_dtype)
     if out_dtype is not None:
         config["torch_dtype"] = config["dtype"] = str(out_dtype).removeprefix("torch.")
-    tok = recipe.tokenizer_source or recipe.base_model or recipe.model_refs()[0]
-    if tok in ("base", "union"):
-        if tok == "union":
-            raise UserError("tokenizer_source 'union' is not supported: merge models that share one tokenizer and name it (or 'base')")
+    tok = recipe.tokenizer_choice() or recipe.base_model or recipe.model_refs()[0]
+    if tok in ("base", "union"):  # one shared vocabulary (io/vocab.py): its union is the base's
         tok = recipe.base_model or recipe.model_refs()[0]
     if tok not in sources:
         raise UserError(f"tokenizer_source {tok!r} is not one of the recipe's models")

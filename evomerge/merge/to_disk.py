@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..io import chat_template
+from ..io import chat_template, vocab
 from ..io.model_dir import ModelDir, open_model
 from ..io.safetensors_file import StreamingWriter, has_nonfinite
 from ..io.writer import atomic_dir, check_out_dir, copy_tokenizer, shard_layout, shard_names, write_json, write_text
@@ -78,7 +78,9 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | Non
     check_device(device)
     if not dry_run:
         check_out_dir(out_dir, force)
-    planned, sources = prepare(with_data_paths(recipe, recipe_dir), open_sources(recipe, recipe_dir), device)
+    opened = open_sources(recipe, recipe_dir)
+    vocab.check_shared(recipe, opened)
+    planned, sources = prepare(with_data_paths(recipe, recipe_dir), opened, device)
     p = plan(planned, sources, seed=seed)
     if dry_run:
         print(describe(p, sources))
