@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from .errors import UserError
+from .io.chat_template import AUTO as CHAT_TEMPLATE_AUTO
 from .yaml_files import read_yaml, validate
 
 MERGE_SOURCE = "merge"  # a routing slot's source naming the recipe's own PS merge
@@ -163,7 +164,7 @@ class Recipe(_Frozen):
     @field_validator("chat_template")
     @classmethod
     def _chat_template(cls, v):
-        if v is not None and v != "auto" and (len(v) < 20 or "{" not in v):
+        if v is not None and v != CHAT_TEMPLATE_AUTO and (len(v) < 20 or "{" not in v):
             raise ValueError("chat_template must be 'auto' (the models' most common template) or a Jinja template's "
                              "text; mergekit's named templates are files of mergekit's: paste the one you want")
         return v

@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from .vocab import load_tokenizer
+
 AUTO = "auto"
 JINJA_FILE = "chat_template.jinja"
 
@@ -37,12 +39,8 @@ def resolve(template: str | None, model_dirs: Sequence[Path]) -> str | None:
 
 def read(model_dir: Path) -> str | None:
     """``model_dir``'s chat template as AutoTokenizer loads it, stripped; None when it has none."""
-    from transformers import AutoTokenizer
-
-    try:
-        template = AutoTokenizer.from_pretrained(model_dir).chat_template
-    except Exception:  # no or unreadable tokenizer: it has no say, as in mergekit
-        return None
+    tokenizer = load_tokenizer(model_dir)
+    template = tokenizer.chat_template if tokenizer is not None else None
     if isinstance(template, dict):
         template = template.get("default")
     return template.strip() if template else None

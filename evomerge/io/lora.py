@@ -79,6 +79,13 @@ class LoraAdapter:
         """The model tensors the adapter changes."""
         return [f"{module}.weight" for module in self.factors]
 
+    def check_model(self, names, model_path) -> None:
+        """Refuse a model (its tensor ``names``) that lacks a tensor the adapter changes."""
+        missing = [n for n in self.targets() if n not in names]
+        if missing:
+            raise UserError(f"{self.path}: changes {missing[0]}, which {model_path} does not have; "
+                            "this adapter was trained on another model")
+
     def delta(self, tensor_name: str) -> torch.Tensor | None:
         """(B @ A) * scaling for a targeted weight, float32; None for any other tensor."""
         factors = self.factors.get(tensor_name.removesuffix(".weight")) if tensor_name.endswith(".weight") else None

@@ -29,9 +29,8 @@ class ModelDir:
             raise UserError(f"model directory {str(path)!r} does not exist; give a local Hugging Face model directory (hub ids are not fetched: download it first)")
         if (self.path / "adapter_config.json").is_file():
             # its adapter_model.safetensors holds low-rank factors, not weights: never read them as a model
-            raise UserError(f"{self.path} is a PEFT adapter (adapter_config.json), not a model; LoRA sources "
-                            "(mergekit's model+lora) are not supported yet: merge the adapter into its base first "
-                            "(peft: PeftModel.from_pretrained(base, dir).merge_and_unload().save_pretrained(out))")
+            raise UserError(f"{self.path} is a PEFT adapter (adapter_config.json), not a model; name it with its model "
+                            f"as a LoRA source, MODEL+{self.path}, and it is merged in as peft's merge_and_unload would")
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise UserError(f"{self.path}: no config.json; this is not a Hugging Face model directory")
@@ -110,10 +109,7 @@ class LoraModelDir(ModelDir):
 
         super().__init__(path)
         self.adapter = LoraAdapter(adapter)
-        missing = [n for n in self.adapter.targets() if n not in self.entries]
-        if missing:
-            raise UserError(f"{self.adapter.path}: changes {missing[0]}, which {self.path} does not have; "
-                            "this adapter was trained on another model")
+        self.adapter.check_model(self.entries, self.path)
 
     def get(self, name: str) -> torch.Tensor:
         return self.adapter.apply(name, super().get(name))

@@ -26,9 +26,10 @@ def check_shared(recipe, sources: Mapping) -> None:
     vocabs = {}
     for ref in recipe.model_refs():
         source = sources[ref]
-        vocab = _vocabulary(Path(source.path))
-        if vocab is None:  # no tokenizer to read: mergekit assumes the base's
+        tokenizer = load_tokenizer(Path(source.path))
+        if tokenizer is None:
             continue
+        vocab = tokenizer.get_vocab()
         rows = source.arch.vocab_size
         if rows != len(vocab):
             raise UserError(f"{ref}: {rows} embedding rows for {len(vocab)} tokens; with a tokenizer choice "
@@ -47,10 +48,12 @@ def check_shared(recipe, sources: Mapping) -> None:
                         "would add padding rows, which evomerge does not do yet; remove it or use a multiple")
 
 
-def _vocabulary(model_dir: Path) -> dict[str, int] | None:
+def load_tokenizer(model_dir: Path):
+    """``model_dir``'s tokenizer as AutoTokenizer loads it; None when it has none or it cannot
+    be read (mergekit then gives that model no say: it assumes the base's)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir).get_vocab()
+        return AutoTokenizer.from_pretrained(model_dir)
     except Exception:
         return None

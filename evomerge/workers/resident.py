@@ -81,10 +81,7 @@ class ResidentLora:
         self.base, self.adapter = model, LoraAdapter(adapter_path)
         self.path, self.config, self.arch = model.path, model.config, model.arch
         self.stored, self.compute_dtype, self.entries = model.stored, model.compute_dtype, model.entries
-        missing = [n for n in self.adapter.targets() if n not in model]
-        if missing:
-            raise UserError(f"{self.adapter.path}: changes {missing[0]}, which {model.path} does not have; "
-                            "this adapter was trained on another model")
+        self.adapter.check_model(model.entries, model.path)
 
     def __contains__(self, name: str) -> bool:
         return name in self.base
