@@ -91,20 +91,47 @@ class OutputSlice(_Frozen):
     residual_weight: Optional[float] = None  # mergekit 0.1.5 declares it and never reads it: accepted, no effect
 
 
+class ModelToken(_Frozen):
+    """A token's embedding taken from another token of a model: ``token_id`` (that model's
+    row) or ``token`` (looked up in that model's own tokenizer)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source names exactly one of token_id or token")
+        return self
+
+
+class ZeroToken(_Frozen):
+    kind: Literal["zero"]
+
+
+class TokenSource(_Frozen):
+    """One entry of ``tokenizer.tokens``, as mergekit reads it: where a token's embedding
+    comes from for the models that lack it (``force``: for every model)."""
+
+    source: Union[ModelToken, ZeroToken, str]
+    force: bool = False
+
+
 class TokenizerSection(_Frozen):
-    """mergekit's ``tokenizer:`` section. evomerge merges models that share one vocabulary:
-    every source here gives the same tokenizer (evomerge/io/vocab.py checks it)."""
+    """mergekit's ``tokenizer:`` section: the output vocabulary and, per token, where its
+    embedding comes from (evomerge/io/vocab.py)."""
 
     source: str = "union"  # union | base | a model of the recipe
-    tokens: Optional[dict[str, Any]] = None  # per-token embedding sources: differing vocabularies only
+    tokens: Optional[dict[str, TokenSource]] = None
     pad_to_multiple_of: Optional[int] = None
 
-    @field_validator("tokens")
+    @field_validator("pad_to_multiple_of")
     @classmethod
-    def _no_tokens(cls, v):
-        if v:
-            raise ValueError("tokenizer.tokens (per-token embedding sources) needs merging differing vocabularies, "
-                             "which evomerge does not do yet; remove it")
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("pad_to_multiple_of must be a positive number of rows")
         return v
 
 

@@ -91,7 +91,35 @@ def build_models(family: dict, root: Path) -> dict[str, Path]:
     m["llama/lora_rs"] = _lora_adapter(m["llama/base"], root / "llama_lora_rs", rank=8, alpha=4, rslora=True)
     for k, template in (("base", CHAT_A), ("a", CHAT_B), ("b", CHAT_B)):
         m[f"llama/{k}_chat"] = _with_chat_template(m[f"llama/{k}"], root / f"llama_{k}_chat", template)
+    # (not qwen2: transformers 5 reads these fixtures' tokenizer as Qwen2Tokenizer, which adds
+    # <|endoftext|> past the 48 rows, a checkpoint every tokenizer choice refuses)
+    for key in ("llama/a", "gpt2/a", "llama/a_tied"):
+        m[f"{key}_added"] = _with_added_tokens(m[key], root / f"{key.replace('/', '_')}_added", CHAT_TOKENS, seed=11)
+    m["llama/b_added"] = _with_added_tokens(m["llama/b"], root / "llama_b_added", ["<|im_start|>", "<tool>"], seed=12,
+                                            extra_rows=5)
     return m
+
+
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def _with_added_tokens(src: Path, dst: Path, tokens: list[str], seed: int, extra_rows: int = 0) -> Path:
+    """``src`` as a fine-tune that added special tokens to its tokenizer (a chat template's,
+    as real fine-tunes do): one more embedding (and untied head) row each, learnt (random
+    here), plus ``extra_rows`` rows no token uses (a vocab_size rounded up)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_tokens(tokens, special_tokens=True)
+    rows = len(tok) + extra_rows
+    w = load_file(src / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in list(w.items()):
+        if name.endswith(("embed_tokens.weight", "wte.weight", "lm_head.weight")):
+            w[name] = torch.cat([t, torch.randn(rows - t.shape[0], t.shape[1], generator=gen)])
+    out = _rewrite(src, dst, w, vocab_size=rows)
+    tok.save_pretrained(out)
+    return out
 
 
 CHAT_A = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -375,6 +403,45 @@ def tokenizer_cases(m) -> dict[str, dict]:
     }
 
 
+def vocab_cases(m) -> dict[str, dict]:
+    """Differing vocabularies: llama/a_added has two special tokens more (<|im_start|>,
+    <|im_end|>), llama/b_added <|im_start|> and <tool> and 5 unused rows; every tokenizer
+    choice re-indexes the rows. Each token's row is compared by the token, not its id."""
+    base, b = str(m["llama/base"]), str(m["llama/b"])
+    a_add, b_add = str(m["llama/a_added"]), str(m["llama/b_added"])
+    tv = lambda *ws: [{"model": k, "parameters": {"weight": w, "density": 0.6}} for k, w in ws]  # noqa: E731
+    lin = lambda *ws: [{"model": k, "parameters": {"weight": w}} for k, w in ws]  # noqa: E731
+    return {
+        "vocab_union_linear": {"merge_method": "linear", "dtype": "float32", "models": lin((b, 0.3), (a_add, 0.7)),
+                               "tokenizer": {"source": "union"}},
+        "vocab_union_task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+                                        "models": lin((a_add, 0.6), (b_add, 0.5)), "tokenizer_source": "union"},
+        "vocab_base_ties": {"merge_method": "ties", "base_model": base, "dtype": "float32",
+                            "models": tv((a_add, 0.7), (b_add, 0.4)), "tokenizer": {"source": "base"}},
+        "vocab_model_slerp": {"merge_method": "slerp", "base_model": base, "dtype": "float32", "parameters": {"t": 0.3},
+                              "slices": [{"sources": [{"model": base, "layer_range": [0, 3]},
+                                                      {"model": a_add, "layer_range": [0, 3]}]}],
+                              "tokenizer": {"source": a_add}},
+        "vocab_tokens": {"merge_method": "linear", "dtype": "float32", "models": lin((a_add, 0.5), (b_add, 0.25), (base, 0.25)),
+                         "base_model": base, "tokenizer": {"source": "union", "tokens": {
+                             "<|im_start|>": {"source": {"kind": "model_token", "model": base, "token": "t1"}},
+                             "t2": {"source": {"kind": "zero"}, "force": True},
+                             "<new>": {"source": {"kind": "model_token", "model": b_add, "token_id": 3}},
+                             "<|im_end|>": {"source": a_add, "force": True}}}},
+        # padding rows repeat one mean row, so a magnitude trim meets ties at its threshold, which
+        # mergekit's sort and evomerge's threshold break differently (test_trim_ties_*): no trim here
+        "vocab_padded": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+                         "models": lin((a_add, 0.8), (b, 0.5)),
+                         "tokenizer": {"source": "union", "pad_to_multiple_of": 16}},
+        "vocab_tied": {"merge_method": "task_arithmetic", "base_model": str(m["llama/base_tied"]), "dtype": "float32",
+                       "models": lin((str(m["llama/a_tied_added"]), 0.7), (str(m["llama/b_tied"]), 0.4)),
+                       "tokenizer": {"source": "union"}},
+        "vocab_gpt2": {"merge_method": "ties", "base_model": str(m["gpt2/base"]), "dtype": "float32",
+                       "models": lin((str(m["gpt2/a_added"]), 0.9), (str(m["gpt2/b"]), 0.3)),
+                       "tokenizer": {"source": "union", "pad_to_multiple_of": 8}},
+    }
+
+
 def lora_cases(m) -> dict[str, dict]:
     """LoRA sources (MODEL+ADAPTER), merged in by mergekit through peft's merge_and_unload."""
     lora, lora_rs = (f"{m['llama/base']}+{m[k]}" for k in ("llama/lora", "llama/lora_rs"))
@@ -396,6 +463,7 @@ def all_recipes(m) -> dict[str, dict]:
     recipes |= {name: spec[0] for name, spec in chat_template_cases(m).items()}
     recipes |= lora_cases(m)
     recipes |= tokenizer_cases(m)
+    recipes |= vocab_cases(m)
     return recipes
 
 

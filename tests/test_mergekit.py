@@ -34,7 +34,7 @@ from evomerge.merge.to_disk import merge_to_disk
 from evomerge.recipe import parse_recipe
 from mergekit_cases import (EXACT, TIED, AnyPath, all_recipes, bf16_bounded_cases, bf16_exact_cases, build_models,
                             chat_template_cases, dare_cases, exact_cases, lora_cases, tied_case, tied_name, tokenizer_cases,
-                            trim_tie_cases)
+                            trim_tie_cases, vocab_cases)
 from mergekit_env import run_mergekit, run_mergekit_many
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2**-7: one ulp at 1
@@ -284,25 +284,63 @@ def test_tokenizer_choice_over_one_vocabulary_equals_mergekit(case, models, merg
     assert AutoTokenizer.from_pretrained(ev_dir).get_vocab() == AutoTokenizer.from_pretrained(mergekit_out[case]).get_vocab()
 
 
-def test_differing_vocabularies_are_refused_with_a_tokenizer_choice(models, tmp_path, capsys):
-    """A fine-tune with an added token (one more embedding row): mergekit would re-index the
-    rows; evomerge says it cannot yet, in one line, and writes nothing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.mark.parametrize("case", list(vocab_cases(AnyPath())))
+def test_differing_vocabularies_equal_mergekit(case, models, mergekit_out, tmp_path):
+    """Fine-tunes that added tokens, under every tokenizer choice (union, base, a model,
+    tokens: overrides, padding, tied heads, GPT-2): the same output vocabulary as mergekit
+    and, token by token, the same embedding and head rows; every other tensor equal."""
+    from transformers import AutoTokenizer
 
-    src = models["llama/a"]
-    tok = AutoTokenizer.from_pretrained(src)
-    tok.add_tokens(["<|im_end|>"])
-    model = AutoModelForCausalLM.from_pretrained(src)
-    model.resize_token_embeddings(len(tok))
-    added = tmp_path / "added"
-    model.save_pretrained(added)
-    tok.save_pretrained(added)
-    recipe = {"merge_method": "linear", "tokenizer_source": "union",
-              "models": [{"model": str(models["llama/b"]), "parameters": {"weight": 0.5}},
-                         {"model": str(added), "parameters": {"weight": 0.5}}]}
+    from evomerge.io.vocab import is_vocab_tensor
+
+    mk_dir, ev_dir = mergekit_out[case], evomerge(vocab_cases(models)[case], tmp_path / "evo")
+    mk_tok, ev_tok = (AutoTokenizer.from_pretrained(d) for d in (mk_dir, ev_dir))
+    mk_vocab, ev_vocab = mk_tok.get_vocab(), ev_tok.get_vocab()
+    assert sorted(ev_vocab) == sorted(mk_vocab)
+    special = lambda tok: {a.content: a.special for a in tok.added_tokens_decoder.values()}  # noqa: E731
+    assert special(ev_tok) == special(mk_tok)
+    assert config(ev_dir)["vocab_size"] == config(mk_dir)["vocab_size"]
+    tokens = sorted(mk_vocab)
+    ev_ids, mk_ids = ([v[t] for t in tokens] for v in (ev_vocab, mk_vocab))
+    mk, ev = weights(mk_dir), weights(ev_dir)
+    same_layout(mk, ev)
+    assert any(is_vocab_tensor(n) for n in mk)
+    for n in mk:
+        if is_vocab_tensor(n):
+            assert torch.equal(ev[n][ev_ids], mk[n][mk_ids]), n
+            if ev_ids == mk_ids:  # the padding rows' mean then reduces the same rows in the same order
+                assert torch.equal(ev[n][len(tokens):], mk[n][len(tokens):]), n
+        else:
+            assert torch.equal(ev[n], mk[n]), n
+
+
+def test_differing_vocabularies_without_a_tokenizer_choice_are_refused(models, tmp_path, capsys):
+    """Rows of two vocabularies cannot be merged as they are: one line saying how to re-index
+    them, and nothing written."""
+    recipe = {"merge_method": "linear", "models": [{"model": str(models["llama/b"]), "parameters": {"weight": 0.5}},
+                                                   {"model": str(models["llama/a_added"]), "parameters": {"weight": 0.5}}]}
     assert evomerge_cli(["merge", str(write_yaml(tmp_path / "r.yaml", recipe)), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "different vocabularies" in err and "49 vs 48" in err and not (tmp_path / "out").exists()
+    assert "vocabulary sizes differ" in err and "tokenizer_source: union" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tokens, says", [
+    ({"<x>": {"source": "nowhere"}}, "not one of the recipe's models"),
+    ({"<x>": {"source": {"kind": "model_token", "model": "B", "token": "<absent>"}}}, "has no token '<absent>'"),
+    ({"<x>": {"source": {"kind": "model_token", "model": "B", "token_id": 999}}}, "outside"),
+    ({"<|im_end|>": {"source": "B"}}, "whose vocabulary lacks it"),
+])
+def test_bad_token_sources_are_refused_in_one_line(models, tmp_path, capsys, tokens, says):
+    b = str(models["llama/b"])
+    tokens = {t: {**cfg, "source": b if cfg["source"] == "B" else
+                  (dict(cfg["source"], model=b) if isinstance(cfg["source"], dict) else cfg["source"])}
+              for t, cfg in tokens.items()}
+    recipe = {"merge_method": "linear", "tokenizer": {"source": "union", "tokens": tokens},
+              "models": [{"model": b, "parameters": {"weight": 0.5}},
+                         {"model": str(models["llama/a_added"]), "parameters": {"weight": 0.5}}]}
+    assert evomerge_cli(["merge", str(write_yaml(tmp_path / "r.yaml", recipe)), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 # --- chat templates --------------------------------------------------------------------------

@@ -35,7 +35,31 @@ class Merge:
     stats: tuple[Read | None, ...] = ()
 
 
-Expr = Union[Read, Merge]
+@dataclass(frozen=True, eq=False)
+class Vocab:
+    """``inner`` over its models' rows re-indexed to the output vocabulary first
+    (evomerge/io/vocab.py): mergekit loads the tensors in the recipe's ``dtype`` and
+    re-indexes them, across the tensor's models in slice order, before merging."""
+
+    inner: Union[Read, Merge]
+    order: tuple[str, ...]  # the slice's models, as listed (the base where it is listed)
+    plan: Any  # io.vocab.VocabPlan
+    load: torch.dtype | None  # the recipe's dtype
+
+    def reads(self) -> list[Read]:
+        return reads_of(self.inner)
+
+
+Expr = Union[Read, Merge, Vocab]
+
+
+def reads_of(expr) -> list[Read]:
+    """The source tensors an expression reads."""
+    if isinstance(expr, Read):
+        return [expr]
+    if isinstance(expr, Vocab):
+        return expr.reads()
+    return [*expr.inputs, *filter(None, [expr.base])]
 
 
 def stats_ref(kind: str, model: str) -> str:

@@ -23,7 +23,8 @@ from ..errors import UserError, nearest
 from ..io.layers import Architecture
 from ..recipe import MERGE_SOURCE, InputSlice, OutputSlice, Recipe, evaluate_setting
 from .kernels import Kernel, get_kernel, with_defaults
-from .expr import Expr, Merge, Output, Read, is_pre_tensor, layer_rests, numel, rounds_to, stats_ref
+from ..io.vocab import VocabPlan, is_vocab_tensor
+from .expr import Expr, Merge, Output, Read, Vocab, is_pre_tensor, layer_rests, numel, reads_of, rounds_to, stats_ref
 from .routing import fold, route
 from .tied import HEADS, head_names, tied_embedding
 
@@ -61,7 +62,7 @@ class Plan:
         def cost(o: Output) -> int:
             if isinstance(o.expr, Read) and o.expr.source == MERGE_SOURCE:
                 return cost(self.ps_outputs[o.expr.name]) + numel(o.shape) * (4 + o.dtype.itemsize)
-            reads = [o.expr] if isinstance(o.expr, Read) else [*o.expr.inputs, *filter(None, [o.expr.base])]
+            reads = reads_of(o.expr)
             n = numel(o.shape)
             stored = sum(n * sources[r.source].dtype(r.name).itemsize for r in reads)
             return stored + n * (4 + o.dtype.itemsize)
@@ -73,16 +74,22 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
-def plan(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int | None = None) -> Plan:
+def plan(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int | None = None,
+         vocab: VocabPlan | None = None) -> Plan:
+    """``vocab``: the recipe's vocabulary plan (io/vocab.py build), where its tokenizer choice
+    re-indexes the embedding and head rows."""
     seed = recipe.seed if seed is None else seed
-    _check_compatible(recipe, sources)
+    _check_compatible(recipe, sources, vocab)
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
     outputs: list[Output] = []
     config: dict = {}
     if recipe.merge_method:
-        outputs, config = _plan_ps(recipe, sources, seed, out_dtype)
+        outputs, config = _plan_ps(recipe, sources, seed, out_dtype, vocab)
     ps_outputs = {o.name: o for o in outputs}
     if recipe.routing:
+        if vocab is not None and not (recipe.merge_method and recipe.routing.embeddings in (None, MERGE_SOURCE)):
+            raise UserError("a routing whose embeddings are a model's keeps that model's vocabulary; with a tokenizer "
+                            "choice that re-indexes rows, take the embeddings from the merge (routing.embeddings: merge)")
         outputs, config = route(recipe, sources, outputs, config, out_dtype)
     if out_dtype is not None:
         config["torch_dtype"] = config["dtype"] = str(out_dtype).removeprefix("torch.")
@@ -94,7 +101,7 @@ def plan(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int | None =
     return Plan(outputs, config, tok, ps_outputs)
 
 
-def _check_compatible(recipe: Recipe, sources: Mapping[str, TensorSource]) -> None:
+def _check_compatible(recipe: Recipe, sources: Mapping[str, TensorSource], vocab: VocabPlan | None) -> None:
     refs = recipe.model_refs()
     missing = [r for r in refs if r not in sources]
     if missing:
@@ -104,8 +111,8 @@ def _check_compatible(recipe: Recipe, sources: Mapping[str, TensorSource]) -> No
         s = sources[r]
         if s.arch.model_type != first.arch.model_type:
             raise UserError(f"architectures differ: {refs[0]} is {first.arch.model_type!r}, {r} is {s.arch.model_type!r}; merge models of one family")
-        if s.arch.vocab_size != first.arch.vocab_size:
-            raise UserError(f"vocabulary sizes differ: {refs[0]} has {first.arch.vocab_size}, {r} has {s.arch.vocab_size}; merge models that share one tokenizer")
+        if vocab is None and s.arch.vocab_size != first.arch.vocab_size:
+            raise UserError(f"vocabulary sizes differ: {refs[0]} has {first.arch.vocab_size}, {r} has {s.arch.vocab_size}; merge models that share one tokenizer, or give a tokenizer choice (tokenizer_source: union) to re-index their rows")
         if s.arch.layer_prefix != first.arch.layer_prefix:
             raise UserError(f"layer naming differs: {refs[0]} uses {first.arch.layer_prefix!r}, {r} uses {s.arch.layer_prefix!r}")
 
@@ -131,7 +138,8 @@ def _check_param_names(recipe: Recipe, kernel: Kernel, slices: list[OutputSlice]
                 raise UserError(f"{kernel.name} has no parameter {name!r}{nearest(name, known)}; its parameters: {', '.join(sorted(known))}")
 
 
-def _plan_ps(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int, out_dtype) -> tuple[list[Output], dict]:
+def _plan_ps(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int, out_dtype,
+             vocab: VocabPlan | None) -> tuple[list[Output], dict]:
     kernel = get_kernel(recipe.merge_method)
     slices = _slices(recipe, sources, kernel)
     _check_param_names(recipe, kernel, slices)
@@ -165,7 +173,11 @@ def _plan_ps(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int, out
     outputs: list[Output] = []
 
     def add(out_name: str, sl: OutputSlice, in_names: list[str], t: float) -> None:
-        outputs.append(_plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_dtype))
+        o = _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_dtype, vocab)
+        if vocab is not None and is_vocab_tensor(out_name):
+            o = Output(o.name, (vocab.size, *o.shape[1:]), o.dtype,
+                       Vocab(o.expr, tuple(s.model for s in sl.sources), vocab, DTYPES.get(recipe.dtype or "")))
+        outputs.append(o)
 
     for name in pre:
         add(name, slices[0], [name] * len(slices[0].sources), 0.0)
@@ -187,6 +199,8 @@ def _plan_ps(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int, out
 
     config = dict(ref.config)
     config[arch.layer_count_key] = layer
+    if vocab is not None:
+        config["vocab_size"] = vocab.size
     types = config.get("layer_types")
     if isinstance(types, list) and len(types) == arch.num_layers and layer != arch.num_layers:
         config["layer_types"] = [t for sl in slices for i in range(*sl.sources[0].layer_range) for t in [types[i]]]
@@ -203,7 +217,7 @@ def _param_lookup(name: str, source: InputSlice | None, sl: OutputSlice, recipe:
     return None
 
 
-def _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_dtype) -> Output:
+def _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_dtype, vocab=None) -> Output:
     """``in_names``: each source's name for the tensor, what its parameters' filters see
     (mergekit matches per-model filters against the input's name, global ones against the
     output's); a tied source reads its embeddings for a head it does not store."""
@@ -217,7 +231,8 @@ def _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_d
         reads.append(r)
         shapes[s.model] = src.shape(r)
         stored.append(src.dtype(r))
-    if len(set(shapes.values())) > 1:
+    rows_differ = vocab is not None and is_vocab_tensor(out_name)  # re-indexed to one vocabulary
+    if len({v[1:] if rows_differ else v for v in shapes.values()}) > 1:
         detail = ", ".join(f"{m} {list(v)}" for m, v in shapes.items())
         raise UserError(f"shape mismatch for {out_name}: {detail}; merge models of one architecture and size")
     first = sl.sources[0]
@@ -292,6 +307,14 @@ def load(read: Read, get, device) -> torch.Tensor:
 
 
 def evaluate(expr: Expr, get, device) -> torch.Tensor:
+    if isinstance(expr, Vocab):
+        raw = {}
+        for r in expr.reads():
+            x = get(r).to(device)
+            raw[r.source] = x.to(expr.load) if expr.load is not None and x.is_floating_point() else x
+        key = tuple((r.source, r.name) for r in expr.reads())
+        aligned = expr.plan.align({m: raw[m] for m in expr.order if m in raw}, key=(key, str(device)))
+        return evaluate(expr.inner, lambda r: aligned[r.source], device)
     if isinstance(expr, Read):
         x = load(expr, get, device)
         return x.float() if x.is_floating_point() else x

@@ -13,7 +13,8 @@ from ..io.model_dir import ModelDir, open_model
 from ..io.safetensors_file import StreamingWriter, has_nonfinite
 from ..io.writer import atomic_dir, check_out_dir, copy_tokenizer, shard_layout, shard_names, write_json, write_text
 from ..recipe import MERGE_SOURCE, Recipe
-from .expr import Merge, Read
+from .expr import Merge, Read, Vocab
+from .kernels import get_kernel
 from .prepare import prepare
 from .materialize import Plan, compute, plan
 
@@ -61,7 +62,7 @@ def describe(p: Plan, sources: dict[str, ModelDir]) -> str:
             lines.append(f"  {ref}: {s.arch.model_type}, {s.arch.num_layers} layers, {s.nbytes / gib:.2f} GiB")
         else:  # a model's statistics for a data-dependent method (merge/prepare.py)
             lines.append(f"  {ref}: {s.path}")
-    merged = sum(1 for o in p.outputs if isinstance(o.expr, Merge) or o.expr == Read(MERGE_SOURCE, getattr(o.expr, "name", None)))
+    merged = sum(1 for o in p.outputs if isinstance(o.expr, (Merge, Vocab)) or o.expr == Read(MERGE_SOURCE, getattr(o.expr, "name", None)))
     lines.append(f"output: {len(p.outputs)} tensors ({merged} merged, {len(p.outputs) - merged} copied), {p.nbytes / gib:.2f} GiB")
     lines.append(f"peak memory estimate: {p.peak_bytes(sources) / gib:.2f} GiB working set beyond the interpreter (streamed per tensor)")
     lines.append(f"tokenizer from: {p.tokenizer_source}")
@@ -79,14 +80,17 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | Non
     if not dry_run:
         check_out_dir(out_dir, force)
     opened = open_sources(recipe, recipe_dir)
-    vocab.check_shared(recipe, opened)
+    vplan = vocab.build(recipe, opened)
+    if vplan is not None and recipe.merge_method and get_kernel(recipe.merge_method).stats:
+        raise UserError(f"{recipe.merge_method}'s statistics are per row of each model's own vocabulary; a tokenizer "
+                        "choice that re-indexes rows does not combine with it (merge models of one vocabulary)")
     planned, sources = prepare(with_data_paths(recipe, recipe_dir), opened, device)
-    p = plan(planned, sources, seed=seed)
+    p = plan(planned, sources, seed=seed, vocab=vplan)
     if dry_run:
         print(describe(p, sources))
         return p
-    tok_dir = sources[p.tokenizer_source].path
-    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer.model").is_file() and not (tok_dir / "vocab.json").is_file():
+    tok_dir = sources[vplan.copy_from if vplan is not None and vplan.copy_from else p.tokenizer_source].path
+    if (vplan is None or vplan.copy_from is not None) and not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer.model").is_file() and not (tok_dir / "vocab.json").is_file():
         raise UserError(f"{tok_dir}: no tokenizer files to copy; set tokenizer_source to a model that has them")
 
     template = chat_template.resolve(recipe.chat_template, [sources[r].path for r in recipe.model_refs() if r in sources])
@@ -117,7 +121,10 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | Non
                 "weight_map": {n: f for f, names in zip(files, groups) for n in names},
             })
         write_json(tmp / "config.json", p.config)
-        copy_tokenizer(tok_dir, tmp)
+        if vplan is not None and vplan.copy_from is None:
+            vplan.tokenizer.save_pretrained(tmp)  # a vocabulary no model has as it is: built (io/vocab.py)
+        else:
+            copy_tokenizer(tok_dir, tmp)
         if template is not None:
             chat_template.write(tmp, template)
         write_text(tmp / "evomerge_recipe.yaml", recipe_yaml)
