@@ -116,7 +116,7 @@ def _with_added_tokens(src: Path, dst: Path, tokens: list[str], seed: int, extra
     gen = torch.Generator().manual_seed(seed)
     for name, t in list(w.items()):
         if name.endswith(("embed_tokens.weight", "wte.weight", "lm_head.weight")):
-            w[name] = torch.cat([t, torch.randn(rows - t.shape[0], t.shape[1], generator=gen)])
+            w[name] = torch.cat([t, torch.randn(rows - t.shape[0], t.shape[1], generator=gen).to(t.dtype)])
     out = _rewrite(src, dst, w, vocab_size=rows)
     tok.save_pretrained(out)
     return out

@@ -258,3 +258,56 @@ def test_a_search_over_a_lora_source_runs_and_refuses_routing_it(tiny_zoo, tmp_p
     capsys.readouterr()
     assert cli(["search", str(routed), "--run-dir", str(tmp_path / "run2"), "--quiet"]) == 2
     assert "cannot be a data-flow source" in capsys.readouterr().err
+
+
+def test_added_tokens_search_what_they_export(real_zoo, tmp_path):
+    """A specialist that added two special tokens (two more embedding and head rows) in a
+    search with a tokenizer: section: the worker re-indexes every source's rows once, its
+    tokenizer is the one export writes, and its candidate has exactly export's tensors."""
+    from mergekit_cases import CHAT_TOKENS, _with_added_tokens
+    from transformers import AutoTokenizer
+
+    from evomerge.run.search import build_space
+    from evomerge.space.config import load_search_config
+
+    a, b = zoo_skills(real_zoo)[:2]
+    added = _with_added_tokens(real_zoo / a, tmp_path / f"{a}_added", CHAT_TOKENS, seed=3)
+    # b adds one of a's tokens too: its row is the average of the two, in the stored dtype
+    b_added = _with_added_tokens(real_zoo / b, tmp_path / f"{b}_added", CHAT_TOKENS[:1], seed=4)
+    ntok = len(AutoTokenizer.from_pretrained(added))
+    pad = next(k for k in (64, 48, 40) if ntok % k)  # padding rows: each model's mean row
+    cfg = search_config(real_zoo, tmp_path / "c.yaml", models=[str(added), str(b_added)],
+                        ps={"method": "ties", "layer_granularity": 1}, tokenizer={"source": "union", "pad_to_multiple_of": pad})
+    space = build_space(load_search_config(cfg))
+    recipe = space.decode(np.random.default_rng(0).random(space.dim))
+    assert recipe.tokenizer is not None and recipe.tokenizer.source == "union"
+    merge_to_disk(recipe, tmp_path / "out", progress=False)
+    worker = CandidateWorker(load_search_config(cfg).model_dump(mode="json"))
+    assert worker.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    for _ in range(2):  # the second candidate reads the kept re-indexed rows
+        state = worker.materialize(recipe).state_dict()
+        written = load_file(tmp_path / "out" / "model.safetensors")
+        for name, t in written.items():
+            assert torch.equal(state[name], t.to(state[name].dtype)), name
+    emb = next(n for n in written if n.endswith("embed_tokens.weight"))
+    assert len(worker.tokenizer) == ntok and written[emb].shape[0] == -(-ntok // pad) * pad > ntok
+    assert len(worker.vocab.cache) >= 1
+
+
+def test_a_search_over_added_tokens_runs_and_needs_a_tokenizer_section(tiny_zoo, tmp_path, capsys):
+    from mergekit_cases import CHAT_TOKENS, _with_added_tokens
+
+    from evomerge.cli import main as cli
+
+    a, b = zoo_skills(tiny_zoo)[:2]
+    added = _with_added_tokens(tiny_zoo / a, tmp_path / f"{a}_added", CHAT_TOKENS, seed=3)
+    models = [str(added), str(tiny_zoo / b)]
+    bare = search_config(tiny_zoo, tmp_path / "bare.yaml", models=models)
+    capsys.readouterr()
+    assert cli(["search", str(bare), "--run-dir", str(tmp_path / "run0"), "--quiet"]) == 2
+    assert "tokenizer: section" in capsys.readouterr().err
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", models=models, tokenizer={"source": "union"},
+                        optimizer={"popsize": 4, "max_evals": 4, "seed": 0})
+    assert cli(["search", str(cfg), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    assert cli(["export", str(tmp_path / "run"), "--out", str(tmp_path / "best.yaml")]) == 0
+    assert "tokenizer:" in (tmp_path / "best.yaml").read_text()

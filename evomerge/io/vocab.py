@@ -169,14 +169,17 @@ def _default_rule(plan: VocabPlan, models: list[str], has: list[bool], i: int) -
 
 def build(recipe, sources: Mapping) -> VocabPlan | None:
     """The recipe's vocabulary plan, or None where its tokenizer choice changes no row."""
-    choice = recipe.tokenizer_choice()
+    return build_for(recipe.tokenizer_choice(), recipe.tokenizer, recipe.model_refs(), recipe.base_model, sources)
+
+
+def build_for(choice: str | None, section, refs: list[str], base: str | None, sources: Mapping) -> VocabPlan | None:
+    """``choice``: union, base or a model (None: no choice); ``section``: the ``tokenizer:``
+    section, if any; ``refs``: every model, the base first."""
     if choice is None:
         return None
-    section = recipe.tokenizer
     token_cfg = dict(section.tokens or {}) if section is not None else {}
     pad = section.pad_to_multiple_of if section is not None else None
-    refs = recipe.model_refs()
-    base = recipe.base_model or refs[0]
+    base = base or refs[0]
     if choice not in ("union", "base") and choice not in refs:
         raise UserError(f"tokenizer source {choice!r} is not one of the recipe's models; name one of them, base or union")
 

@@ -44,7 +44,7 @@ class Vocab:
     inner: Union[Read, Merge]
     order: tuple[str, ...]  # the slice's models, as listed (the base where it is listed)
     plan: Any  # io.vocab.VocabPlan
-    load: torch.dtype | None  # the recipe's dtype
+    load: torch.dtype  # the dtype the rows are re-indexed in (the recipe's, else the stored ones' promotion)
 
     def reads(self) -> list[Read]:
         return reads_of(self.inner)

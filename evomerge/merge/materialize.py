@@ -175,8 +175,11 @@ def _plan_ps(recipe: Recipe, sources: Mapping[str, TensorSource], seed: int, out
     def add(out_name: str, sl: OutputSlice, in_names: list[str], t: float) -> None:
         o = _plan_tensor(recipe, kernel, sl, out_name, in_names, t, sources, seed, out_dtype, vocab)
         if vocab is not None and is_vocab_tensor(out_name):
-            o = Output(o.name, (vocab.size, *o.shape[1:]), o.dtype,
-                       Vocab(o.expr, tuple(s.model for s in sl.sources), vocab, DTYPES.get(recipe.dtype or "")))
+            # mergekit re-indexes in the recipe's dtype, else in the stored dtypes' promotion (a
+            # worker holds bf16 sources in float32: the cast back to bf16 is exact)
+            stored = [sources[r.source].dtype(r.name) for r in reads_of(o.expr)]
+            load = DTYPES.get(recipe.dtype or "") or functools.reduce(torch.promote_types, stored)
+            o = Output(o.name, (vocab.size, *o.shape[1:]), o.dtype, Vocab(o.expr, tuple(s.model for s in sl.sources), vocab, load))
         outputs.append(o)
 
     for name in pre:
@@ -311,7 +314,7 @@ def evaluate(expr: Expr, get, device) -> torch.Tensor:
         raw = {}
         for r in expr.reads():
             x = get(r).to(device)
-            raw[r.source] = x.to(expr.load) if expr.load is not None and x.is_floating_point() else x
+            raw[r.source] = x.to(expr.load) if x.is_floating_point() else x
         key = tuple((r.source, r.name) for r in expr.reads())
         aligned = expr.plan.align({m: raw[m] for m in expr.order if m in raw}, key=(key, str(device)))
         return evaluate(expr.inner, lambda r: aligned[r.source], device)

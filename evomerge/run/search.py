@@ -24,6 +24,7 @@ from ..io.model_dir import open_model
 from ..merge.kernels import get_kernel
 from ..io.writer import atomic_write_text
 from ..optim.registry import make_optimizer
+from ..recipe import MERGE_SOURCE
 from ..space.codec import SearchSpace
 from ..space.config import SearchConfig, load_search_config
 from ..workers.pool import make_pool
@@ -64,11 +65,27 @@ def build_space(cfg: SearchConfig) -> SearchSpace:
                 raise UserError(f"model directory {path} does not exist{hint}")
     dirs = {ref: open_model(ref) for ref in cfg.model_refs()}
     first = next(iter(dirs.values()))
+    _check_tokenizer(cfg)
     for ref, d in dirs.items():
-        if d.arch.model_type != first.arch.model_type or d.arch.vocab_size != first.arch.vocab_size:
+        if d.arch.model_type != first.arch.model_type or (cfg.tokenizer is None and d.arch.vocab_size != first.arch.vocab_size):
             raise UserError(f"{ref} ({d.arch.model_type}, vocab {d.arch.vocab_size}) does not match "
-                            f"{first.path} ({first.arch.model_type}, vocab {first.arch.vocab_size}); search over one model family")
+                            f"{first.path} ({first.arch.model_type}, vocab {first.arch.vocab_size}); search over one model family"
+                            + ("" if d.arch.model_type != first.arch.model_type else
+                               ", or give the config a tokenizer: section (source: union) to re-index their rows"))
     return SearchSpace(cfg, {ref: d.arch.num_layers for ref, d in dirs.items()})
+
+
+def _check_tokenizer(cfg: SearchConfig) -> None:
+    """A tokenizer: section re-indexes the parameter-space merge's embedding and head rows;
+    a data-flow path reading a model's own embeddings, or per-row statistics, would not follow."""
+    if cfg.tokenizer is None:
+        return
+    if cfg.ps is None or (cfg.dfs is not None and cfg.dfs.embeddings not in (None, MERGE_SOURCE)):
+        raise UserError("a tokenizer: section re-indexes the parameter-space merge's rows: give the search a ps space "
+                        "and leave dfs.embeddings to the merge")
+    if get_kernel(cfg.ps.method).stats:
+        raise UserError(f"{cfg.ps.method}'s statistics are per row of each model's own vocabulary; it does not combine "
+                        "with a tokenizer: section")
 
 
 def _check_lora_sources(cfg: SearchConfig, loras: list[str]) -> None:
@@ -99,14 +116,16 @@ def new_optimizer(cfg: SearchConfig, space: SearchSpace):
 def check_plan(space: SearchSpace) -> None:
     """Plan the starting recipe over the sources' headers: what every candidate shares (tied
     heads, shapes, dtypes, the routed layout) fails here, before a worker starts or a file is written."""
+    from ..io import vocab
     from ..merge.materialize import plan
     from ..merge.prepare import prepare
     from ..merge.to_disk import open_sources
 
     recipe = space.decode(space.default_x0())
+    opened = open_sources(recipe)
     # for a data-dependent method this computes the statistics, once, into the cache the
     # workers then read
-    plan(*prepare(recipe, open_sources(recipe)))
+    plan(*prepare(recipe, opened), vocab=vocab.build(recipe, opened))
 
 
 def check_tasks(cfg: SearchConfig) -> dict | None:

@@ -136,6 +136,8 @@ class SearchSpace:
             data["calibration"] = self.cfg.calibration.model_dump(exclude_defaults=True)
         if self.cfg.dtype:
             data["out_dtype"] = self.cfg.dtype
+        if self.cfg.tokenizer is not None:
+            data["tokenizer"] = self.cfg.tokenizer.model_dump(mode="json", exclude_none=True)
         return parse_recipe(data, where="decoded genome")
 
     def _member(self, model: str, params: dict) -> dict:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from ..errors import UserError
 from ..io.lora import split_ref
-from ..recipe import COMPUTE_DTYPES, DTYPES, MERGE_SOURCE, Calibration
+from ..recipe import COMPUTE_DTYPES, DTYPES, MERGE_SOURCE, Calibration, TokenizerSection
 from ..yaml_files import read_yaml, validate
 
 
@@ -203,6 +203,9 @@ class SearchConfig(_Frozen):
     # a model's own calibration texts (model -> calibration), as the papers compute each
     # model's statistics on its own task's data; the others use ``calibration``
     model_calibration: dict[str, Calibration] = {}
+    # the candidates' (and exports') vocabulary, as a recipe's tokenizer: section: models whose
+    # tokenizers differ (added tokens) are re-indexed to it once per worker (io/vocab.py)
+    tokenizer: Optional[TokenizerSection] = None
 
     @field_validator("dtype")
     @classmethod
@@ -274,9 +277,24 @@ def parse_search_config(data: Any, base_dir: Path, where: str = "config") -> Sea
         if unknown:
             raise UserError(f"{where}: model_calibration names {unknown[0]!r}, which is not one of the models")
         update["model_calibration"] = {mapping[m]: resolved(c) for m, c in cfg.model_calibration.items()}
+    if cfg.tokenizer is not None:
+        update["tokenizer"] = _resolved_tokenizer(cfg.tokenizer, mapping, base_dir)
     if cfg.fitness.task_path:
         update["fitness"] = cfg.fitness.model_copy(update={"task_path": _resolve(cfg.fitness.task_path, base_dir)})
     return cfg.model_copy(update=update)
+
+
+def _resolved_tokenizer(section: TokenizerSection, mapping: dict, base_dir: Path) -> TokenizerSection:
+    """The section with its model names resolved as the models are (union/base stay)."""
+    ref = lambda r: r if r in ("union", "base") else mapping.get(r, _resolve(r, base_dir))  # noqa: E731
+    tokens = None
+    if section.tokens:
+        tokens = {}
+        for t, cfg in section.tokens.items():
+            src = cfg.source
+            src = ref(src) if isinstance(src, str) else (src.model_copy(update={"model": ref(src.model)}) if hasattr(src, "model") else src)
+            tokens[t] = cfg.model_copy(update={"source": src})
+    return section.model_copy(update={"source": ref(section.source), "tokens": tokens})
 
 
 def load_search_config(path: str | Path) -> SearchConfig:

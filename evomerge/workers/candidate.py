@@ -20,6 +20,7 @@ set_offline_env()
 
 from ..errors import UserError  # noqa: E402
 from ..fitness.racing import combine_stages  # noqa: E402
+from ..io import vocab  # noqa: E402
 from ..fitness.terms import Result, combine  # noqa: E402
 from ..merge.kernels import get_kernel  # noqa: E402
 from ..merge.materialize import compute, plan  # noqa: E402
@@ -68,10 +69,18 @@ class CandidateWorker:
             self.sources.update(stats_sources(self.cfg.ps.method, self.cfg.models, self.sources, self.cfg.calibration,
                                               device, self.cfg.model_calibration))
         home = self.cfg.base_model or self.cfg.models[0]
-        self.tokenizer = AutoTokenizer.from_pretrained(home)
+        # a tokenizer: section: the candidates' vocabulary, every source's rows re-indexed to it
+        # once (the plan keeps them) and the tokenizer built as export builds it
+        self.vocab = vocab.build_for(self.cfg.tokenizer.source, self.cfg.tokenizer, self.cfg.model_refs(),
+                                     self.cfg.base_model, self.sources) if self.cfg.tokenizer is not None else None
+        if self.vocab is not None:
+            self.vocab.cache = {}
+        self.tokenizer = self.vocab.tokenizer if self.vocab is not None else AutoTokenizer.from_pretrained(home)
         self.compute_dtype = self.sources[home].compute_dtype
         # the candidate: a private copy of the base, overwritten in place by every PS candidate
         self.candidate = AutoModelForCausalLM.from_pretrained(home, dtype=self.compute_dtype).to(device).eval()
+        if self.vocab is not None:
+            self.candidate.resize_token_embeddings(self.vocab.size, mean_resizing=False)
         self.candidate.config.use_cache = False
         self.candidate_tensors = self.candidate.state_dict()
         arch = self.sources[home].arch
@@ -84,7 +93,7 @@ class CandidateWorker:
 
     def materialize(self, recipe: Recipe) -> torch.nn.Module:
         """The candidate as a live model: PS written in place, DFS as the folded model over resident blocks."""
-        p = plan(recipe, self.sources)
+        p = plan(recipe, self.sources, vocab=self.vocab)
         for out in p.ps_outputs.values():
             dst = self.candidate_tensors.get(out.name)
             if dst is None or tuple(dst.shape) != out.shape:
