@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from .errors import UserError
 from .io.chat_template import AUTO as CHAT_TEMPLATE_AUTO
+from .io.chat_templates import NAMED as NAMED_CHAT_TEMPLATES
 from .yaml_files import read_yaml, validate
 
 MERGE_SOURCE = "merge"  # a routing slot's source naming the recipe's own PS merge
@@ -191,9 +192,9 @@ class Recipe(_Frozen):
     @field_validator("chat_template")
     @classmethod
     def _chat_template(cls, v):
-        if v is not None and v != CHAT_TEMPLATE_AUTO and (len(v) < 20 or "{" not in v):
-            raise ValueError("chat_template must be 'auto' (the models' most common template) or a Jinja template's "
-                             "text; mergekit's named templates are files of mergekit's: paste the one you want")
+        if v is not None and v != CHAT_TEMPLATE_AUTO and v not in NAMED_CHAT_TEMPLATES and (len(v) < 20 or "{" not in v):
+            raise ValueError(f"chat_template must be 'auto' (the models' most common template), a format's name "
+                             f"({', '.join(NAMED_CHAT_TEMPLATES)}) or a Jinja template's text")
         return v
 
     @field_validator("dtype", "out_dtype")

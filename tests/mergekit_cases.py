@@ -385,6 +385,29 @@ def chat_template_cases(m) -> dict[str, tuple[dict, str]]:
             "chat_template_text": (linear(chat_template=CHAT_GIVEN), CHAT_GIVEN)}
 
 
+CHAT_NAMES = ("chatml", "llama3", "alpaca", "mistral", "exaone")
+
+
+def named_chat_template_cases(m) -> dict[str, dict]:
+    """mergekit's named formats, each written into a merge's tokenizer."""
+    return {f"chat_template_{name}": {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "base",
+                                      "models": [_src(m, "llama/a", {"weight": 0.5}), _src(m, "llama/b", {"weight": 0.5})],
+                                      "chat_template": name} for name in CHAT_NAMES}
+
+
+# conversations the named formats render: with and without a system turn, multi-turn, a
+# trailing newline, alpaca's user_context, a conversation mistral refuses (two user turns)
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "  Be brief. "}, {"role": "user", "content": " What is 2+2? "}, {"role": "assistant", "content": "4 "}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c\n"}],
+    [{"role": "system", "content": "s1"}, {"role": "user", "content": "u"}, {"role": "user_context", "content": "ctx"},
+     {"role": "assistant", "content": "r"}, {"role": "system", "content": "s2"}],
+    [{"role": "assistant", "content": "first"}, {"role": "user", "content": "second"}],
+    [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}],
+]
+
+
 def tokenizer_cases(m) -> dict[str, dict]:
     """A tokenizer choice over models that share one vocabulary: mergekit builds the output
     tokenizer and re-indexes the rows to it (the identity here), evomerge copies it."""
@@ -461,6 +484,7 @@ def all_recipes(m) -> dict[str, dict]:
     recipes |= {name: spec[0] for name, spec in dare_cases(m).items()}
     recipes |= {name: spec[0] for name, spec in trim_tie_cases(m).items()}
     recipes |= {name: spec[0] for name, spec in chat_template_cases(m).items()}
+    recipes |= named_chat_template_cases(m)
     recipes |= lora_cases(m)
     recipes |= tokenizer_cases(m)
     recipes |= vocab_cases(m)

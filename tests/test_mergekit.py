@@ -33,7 +33,7 @@ from evomerge.cli import main as evomerge_cli
 from evomerge.merge.to_disk import merge_to_disk
 from evomerge.recipe import parse_recipe
 from mergekit_cases import (EXACT, TIED, AnyPath, all_recipes, bf16_bounded_cases, bf16_exact_cases, build_models,
-                            chat_template_cases, dare_cases, exact_cases, lora_cases, tied_case, tied_name, tokenizer_cases,
+                            chat_template_cases, dare_cases, named_chat_template_cases, exact_cases, lora_cases, tied_case, tied_name, tokenizer_cases,
                             trim_tie_cases, vocab_cases)
 from mergekit_env import run_mergekit, run_mergekit_many
 
@@ -360,10 +360,42 @@ def test_chat_template_like_mergekit(case, models, mergekit_out, tmp_path):
     assert_equal_tensors(mergekit_out[case], ev_dir)
 
 
-def test_a_chat_template_name_is_refused_with_the_fix(models, tmp_path, capsys):
-    recipe = dict(chat_template_cases(models)["chat_template_auto"][0], chat_template="chatml")
+@pytest.mark.parametrize("case", list(named_chat_template_cases(AnyPath())))
+def test_named_chat_templates_render_as_mergekits(case, models, mergekit_out, tmp_path):
+    """chat_template: chatml | llama3 | alpaca | mistral | exaone: evomerge's own template of
+    that format renders every conversation (generation prompt or not, refusals included) as
+    the one mergekit writes. exaone: mergekit's file is indented for another renderer and puts
+    those spaces and blank lines into prompts; evomerge's gives the same turns without them."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from mergekit_cases import CONVERSATIONS
+
+    ev_dir = evomerge(named_chat_template_cases(models)[case], tmp_path / "evo")
+    toks = [AutoTokenizer.from_pretrained(d) for d in (mergekit_out[case], ev_dir)]
+    assert toks[0].chat_template and toks[1].chat_template
+
+    def render(tok, conv, prompt):
+        tok.bos_token, tok.eos_token = "<s>", "</s>"
+        try:
+            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=prompt)
+        except Exception as e:  # noqa: BLE001 - a format refusing a conversation is part of it
+            return f"refused: {e}"
+        return re.sub(r"\n+", "\n", re.sub(r"(?m)^ +", "", text)) if case.endswith("exaone") else text
+
+    for conv in CONVERSATIONS:
+        if case.endswith("exaone") and any("\n" in m["content"] or m["content"].startswith(" ") for m in conv):
+            continue  # the normalization above would change the content itself
+        for prompt in (False, True):
+            assert render(toks[1], conv, prompt) == render(toks[0], conv, prompt), (conv, prompt)
+    assert_equal_tensors(mergekit_out[case], ev_dir)
+
+
+def test_an_unknown_chat_template_name_is_refused(models, tmp_path, capsys):
+    recipe = dict(chat_template_cases(models)["chat_template_auto"][0], chat_template="vicuna")
     assert evomerge_cli(["merge", str(write_yaml(tmp_path / "r.yaml", recipe)), str(tmp_path / "out")]) == 2
-    assert "paste the one you want" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "chatml" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # --- magnitude ties at a trim threshold ------------------------------------------------------

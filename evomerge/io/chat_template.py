@@ -5,8 +5,8 @@ stripped; a dict of named templates counts by its ``default``); a tie goes to th
 first, the base first (mergekit's order there is a set's, so not reproducible); no template
 among them leaves the tokenizer source's as it is. Any other value is the template's Jinja
 text itself (mergekit refuses a value under 20 characters or without a ``{``, and so does the
-recipe's validation). mergekit's named templates (chatml, llama3, alpaca, mistral, exaone) are
-data files of mergekit's own, not shipped here: a name is refused with how to give the text.
+recipe's validation), or one of mergekit's names (chatml, llama3, alpaca, mistral, exaone):
+evomerge's own template of that format (io/chat_templates.py), rendering as mergekit's does.
 
 The result is written the way ``save_pretrained`` writes a template in transformers 5: as
 ``chat_template.jinja``, which takes precedence over a ``chat_template`` in
@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from .chat_templates import NAMED
 from .vocab import load_tokenizer
 
 AUTO = "auto"
@@ -31,6 +32,8 @@ JINJA_FILE = "chat_template.jinja"
 def resolve(template: str | None, model_dirs: Sequence[Path]) -> str | None:
     """The template text to write, or None to keep the tokenizer source's; ``template`` is a
     recipe's, already checked there (evomerge/recipe.py)."""
+    if template in NAMED:
+        return NAMED[template]
     if template != AUTO:
         return template
     found = [t for d in model_dirs if (t := read(d))]
