@@ -265,8 +265,45 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a YAML mapping with merge_method/models or routing")
     if "modules" in data:
-        raise UserError(f"{where}: mergekit 'modules' (multi-module models) are not supported; use 'models' or 'slices'")
+        data = _one_module(data, where)
     return validate(Recipe, data, where)
+
+
+def _one_module(data: dict, where: str) -> dict:
+    """mergekit's ``modules:`` form for a decoder-only model, whose one module mergekit calls
+    ``default``: the same recipe with the module's models or slices at the top. The module's
+    ``parameters`` rank between the slice's (or, for ``models``, none) and the recipe's, so
+    they join the slices' parameters (``models``: the recipe's); a name set at both levels is
+    refused, since mergekit falls through to the next level wherever a filter matches nothing."""
+    modules = data["modules"]
+    if not isinstance(modules, dict) or list(modules) != ["default"]:
+        names = ", ".join(map(str, modules)) if isinstance(modules, dict) else repr(modules)
+        raise UserError(f"{where}: modules ({names}): evomerge merges decoder-only models, whose one module mergekit "
+                        "calls 'default'; multi-module models (vision towers, encoders) are not supported")
+    if data.get("models") or data.get("slices"):
+        raise UserError(f"{where}: give 'modules' or 'models'/'slices', not both")
+    module = modules["default"] or {}
+    if not isinstance(module, dict) or bool(module.get("models")) == bool(module.get("slices")):
+        raise UserError(f"{where}: modules.default needs either 'models' or 'slices'")
+    extra = sorted(set(module) - {"models", "slices", "parameters"})
+    if extra:
+        raise UserError(f"{where}: modules.default.{extra[0]} is not a module field (models, slices, parameters)")
+    mp = module.get("parameters") or {}
+    out = {k: v for k, v in data.items() if k != "modules"}
+
+    def joined(inner, level: str) -> dict | None:
+        both = sorted(set(inner or {}) & set(mp))
+        if both:
+            raise UserError(f"{where}: parameter {both[0]!r} is set in modules.default and in {level}; set it in one")
+        return {**(inner or {}), **mp} or None
+
+    if module.get("models"):
+        out["models"] = module["models"]
+        out["parameters"] = joined(data.get("parameters"), "the recipe's parameters")
+    else:
+        out["slices"] = [dict(sl, parameters=joined(sl.get("parameters"), f"slice {i}"))
+                         for i, sl in enumerate(module["slices"])]
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -465,6 +465,24 @@ def vocab_cases(m) -> dict[str, dict]:
     }
 
 
+def modules_cases(m) -> dict[str, dict]:
+    """mergekit's modules: form, a decoder-only model's one module ("default"), with module-level
+    parameters between the slice's (or per-model) and the recipe's."""
+    base, a, b = (str(m[f"llama/{k}"]) for k in ("base", "a", "b"))
+    return {
+        "modules_models": {"merge_method": "linear", "dtype": "float32", "parameters": {"normalize": False},
+                           "modules": {"default": {"models": [{"model": a, "parameters": {"weight": 0.6}}, {"model": b}],
+                                                   "parameters": {"weight": [0.2, 0.9]}}}},
+        "modules_slices": {"merge_method": "ties", "base_model": base, "dtype": "float32",
+                           "modules": {"default": {"slices": [
+                               {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": a, "layer_range": [0, 2]},
+                                            {"model": b, "layer_range": [1, 3]}], "parameters": {"density": 0.5}},
+                               {"sources": [{"model": base, "layer_range": [2, 3]}, {"model": a, "layer_range": [2, 3]},
+                                            {"model": b, "layer_range": [0, 1]}]}],
+                               "parameters": {"weight": [{"filter": "mlp", "value": 0.8}, {"value": 0.5}]}}}},
+    }
+
+
 def lora_cases(m) -> dict[str, dict]:
     """LoRA sources (MODEL+ADAPTER), merged in by mergekit through peft's merge_and_unload."""
     lora, lora_rs = (f"{m['llama/base']}+{m[k]}" for k in ("llama/lora", "llama/lora_rs"))
@@ -488,6 +506,7 @@ def all_recipes(m) -> dict[str, dict]:
     recipes |= lora_cases(m)
     recipes |= tokenizer_cases(m)
     recipes |= vocab_cases(m)
+    recipes |= modules_cases(m)
     return recipes
 
 

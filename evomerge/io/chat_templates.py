@@ -49,8 +49,8 @@ MISTRAL = (
 
 # [|role|]content, a user turn ending in a newline, others in [|endofturn|] and a newline; an
 # empty system turn first where the conversation has none. mergekit's exaone file is indented
-# for a renderer that strips it: under transformers' it puts those spaces and blank lines into
-# every prompt. This one gives the same turns without them.
+# for a renderer that strips it: under transformers' it puts those spaces and line breaks into
+# every prompt. This one gives the same turns and markers without them.
 EXAONE = (
     "{% for m in messages %}"
     "{% if loop.first and m['role'] != 'system' %}{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
