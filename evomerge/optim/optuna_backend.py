@@ -9,6 +9,7 @@ continues identically (tested in tests/test_optim.py).
 from __future__ import annotations
 
 import pickle
+import threading
 import warnings
 from typing import Any
 
@@ -43,11 +44,24 @@ class _OptunaOptimizer(Optimizer):
         self._trials = []
 
     def _state(self) -> dict[str, Any]:
-        return {"study": pickle.dumps(self._study), "trials": list(self._trials)}
+        # optuna 5.1's genetic samplers (NSGA-II) hold a threading.Lock, which pickle refuses:
+        # the snapshot leaves it out and the loaded study gets a new one (it guards no state)
+        sampler = self._study.sampler
+        lock = sampler.__dict__.pop(_LOCK, None)
+        try:
+            return {"study": pickle.dumps(self._study), "trials": list(self._trials), "lock": lock is not None}
+        finally:
+            if lock is not None:
+                setattr(sampler, _LOCK, lock)
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self._study = pickle.loads(state["study"])
         self._trials = list(state["trials"])
+        if state.get("lock"):
+            setattr(self._study.sampler, _LOCK, threading.Lock())
+
+
+_LOCK = "_thread_lock"
 
 
 class OptunaCMAES(_OptunaOptimizer):
