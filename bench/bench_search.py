@@ -12,6 +12,11 @@
         documents per task first), per optimizer seed: the best recipe's test mean for each,
         the medians, and the ratio of forward tokens (each candidate's documents' tokens,
         summed over the candidates scored).
+    python bench/bench_search.py utilization [--workers 8] [--delay 1.0] [--cv 0.3] [--popsize 16] [--evals 128] [--lookahead N]
+        runs the toy PS search on --workers Ray workers whose every evaluation also waits a
+        lognormal delay (mean --delay s, coefficient of variation --cv; drawn per recipe),
+        once generation by generation (lookahead 0) and once asking ahead (lookahead auto),
+        and prints each run's worker utilization and wall time.
 """
 
 from __future__ import annotations
@@ -158,16 +163,52 @@ def subsets(args) -> None:
               f"test mean difference (median) {med[n] - med['full']:+.3f}, wall full / this {sum(v[2] for v in full) / sum(v[2] for v in r):.2f}x")
 
 
+def utilization(args) -> None:
+    import os
+    import re
+
+    import yaml
+
+    out = Path(tempfile.mkdtemp(prefix="evomerge_utilization_"))
+    env = {**os.environ, "EVOMERGE_BENCH_DELAY": f"{args.delay},{args.cv}", "RAY_AUTH_MODE": "disabled"}
+    rows = {}
+    ahead = "auto" if args.lookahead is None else str(args.lookahead)
+    for name, lookahead in (("generational (lookahead 0)", 0), (f"asking ahead (lookahead {ahead})", args.lookahead)):
+        opt = {"popsize": args.popsize, "max_evals": args.evals, "seed": 0}
+        if lookahead is not None:
+            opt["lookahead"] = lookahead
+        cfg = variant(Path(args.config), out / f"variant{len(rows)}.yaml", optimizer=opt, test=[],
+                      workers={"count": args.workers, "cpus_per_worker": round(2 / args.workers, 3)})
+        run_dir = out / f"run_{len(rows)}"
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--run-dir", str(run_dir), "--quiet"],
+                       check=True, env=env)
+        wall = time.perf_counter() - t
+        frozen = yaml.safe_load((run_dir / "config.yaml").read_text())
+        said = re.findall(r"worker utilization ([0-9.]+)%", (run_dir / "search.log").read_text())
+        util = float(said[-1]) / 100 if said else float("nan")
+        rows[name] = (util, wall, frozen["optimizer"]["lookahead"])
+        print(f"{name}: lookahead {rows[name][2]}, worker utilization {util:.1%}, wall {wall:.0f} s", flush=True)
+    (g_util, g_wall, _), (a_util, a_wall, _) = rows.values()
+    print(f"{args.workers} workers, delays mean {args.delay} s CV {args.cv}: utilization {g_util:.1%} -> {a_util:.1%}, "
+          f"wall {g_wall / a_wall:.2f}x shorter")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["overhead", "cma-vs-random", "subsets"])
+    ap.add_argument("what", choices=["overhead", "cma-vs-random", "subsets", "utilization"])
+    ap.add_argument("--workers", type=int, default=8, help="utilization: Ray workers")
+    ap.add_argument("--delay", type=float, default=1.0, help="utilization: mean injected delay per evaluation (s)")
+    ap.add_argument("--cv", type=float, default=0.3, help="utilization: the delays' coefficient of variation")
+    ap.add_argument("--popsize", type=int, default=16, help="utilization: population size")
+    ap.add_argument("--lookahead", type=int, default=None, help="utilization: the asking-ahead run's lookahead (default: auto)")
     ap.add_argument("--limit", type=int, default=64, help="subsets: documents per task")
     ap.add_argument("--racing", type=int, default=0, help="subsets: also race the subset, this many documents per task first")
     ap.add_argument("--config", default=str(REPO / "search_spaces" / "toy_ps.yaml"))
     ap.add_argument("--evals", type=int, default=60)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
-    {"overhead": overhead, "cma-vs-random": cma_vs_random, "subsets": subsets}[args.what](args)
+    {"overhead": overhead, "cma-vs-random": cma_vs_random, "subsets": subsets, "utilization": utilization}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,28 @@ def test_resume_after_kill_equals_uninterrupted(tiny_zoo, tmp_path):
         assert a[i]["fitness"] == pytest.approx(b[i]["fitness"], abs=1e-9)
 
 
+def test_asking_ahead_on_ray_workers_resumes_after_kill_to_the_same_history(tiny_zoo, tmp_path):
+    """Two Ray workers: each generation's first candidate is drawn ahead (lookahead auto = 1)
+    and scored while the generation before it finishes. Killed inside generations, resumed,
+    the history is the uninterrupted run's, each candidate once."""
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", workers={"count": 2},
+                        optimizer={"popsize": 4, "max_evals": 16, "seed": 5})
+    ref = tmp_path / "ref"
+    _run_search_subprocess(cfg, ref, None)
+    frozen = yaml.safe_load((ref / "config.yaml").read_text())
+    assert frozen["optimizer"]["lookahead"] == 1
+    run = tmp_path / "run"
+    for kill_at in (2, 7, 10):
+        _run_search_subprocess(cfg, run, kill_at)
+    _run_search_subprocess(cfg, run, None)
+    a = {e["eval_id"]: e for e in history(ref)}
+    b = {e["eval_id"]: e for e in history(run)}
+    assert sorted(a) == sorted(b) == list(range(16)) and len(history(run)) == len(history(ref)) == 16
+    for i in a:
+        assert a[i]["genome"] == b[i]["genome"]
+        assert a[i]["fitness"] == pytest.approx(b[i]["fitness"], abs=1e-9)
+
+
 def test_resume_refuses_changed_config(tiny_zoo, tmp_path, capsys):
     cfg = search_config(tiny_zoo, tmp_path / "c.yaml", optimizer={"popsize": 4, "max_evals": 4})
     run = tmp_path / "run"

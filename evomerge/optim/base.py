@@ -8,6 +8,13 @@ search follows the trajectory of an uninterrupted one.
 The bookkeeping every backend needs (the pending generation, the check that ``tell``
 gets what ``ask`` gave, non-finite fitness, the generation counter, the common part of
 the checkpoint) lives here once; a backend fills in four small hooks.
+
+Asking ahead (``ask_ahead``, backends with ``supports_ahead``): between ``ask()`` and
+``tell()``, the first genomes of the *next* generation are drawn from the current
+distribution, so idle workers can score them while this generation's last candidates run;
+the next ``ask()`` returns them first. CMA-ES takes them as injected solutions (Hansen 2011,
+"Injecting external solutions into CMA-ES"): its update bounds their Mahalanobis step under
+the new distribution, so samples of the previous one cannot derail it.
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ class Optimizer(ABC):
     # a multi-objective backend learns from each candidate's objective vector (one value per
     # fitness term, all maximized) instead of the weighted fitness
     multi_objective: bool = False
+    supports_ahead: bool = False
 
     def __init__(self, dim: int, popsize: int) -> None:
         self.dim = dim
         self.popsize = popsize
         self._generation = 0
         self._pending: list[np.ndarray] | None = None  # asked, not yet told
+        # drawn ahead: the first genomes of the generation after the pending one (of the next
+        # one to ask, once the pending one is told)
+        self._ahead: list[np.ndarray] | None = None
         self._worst: float | None = None  # worst finite fitness told so far
         self._worst_objectives: list[float] | None = None  # per objective, likewise
 
@@ -47,8 +58,30 @@ class Optimizer(ABC):
         between ask and tell resumes with the candidates that were in flight.
         """
         if self._pending is None:
-            self._pending = [np.array(g, dtype=np.float64) for g in self._ask()]
+            first = self._ahead or []
+            self._pending = [np.array(g, dtype=np.float64) for g in self._ask(first)]
+            if len(self._pending) != self.popsize or not all(np.array_equal(g, p) for g, p in zip(first, self._pending)):
+                raise RuntimeError(f"{type(self).__name__} did not start the generation with the genomes drawn ahead")
+            self._ahead = None
         return [g.copy() for g in self._pending]
+
+    def ask_ahead(self, n: int) -> list[np.ndarray]:
+        """Between ``ask()`` and ``tell()``: the next generation's first ``n`` genomes, drawn
+        now from the current distribution (the next ``ask()`` returns them first). Asking
+        again before ``tell`` returns the same ones."""
+        if n <= 0:
+            return []
+        if not self.supports_ahead:
+            raise ValueError(f"{type(self).__name__} cannot draw a generation ahead")
+        if self._pending is None:
+            raise ValueError("ask_ahead() draws from the pending generation's distribution: call it after ask(), before tell()")
+        if n >= self.popsize:
+            raise ValueError(f"ask_ahead({n}) must leave the next generation at least one genome of its own (popsize {self.popsize})")
+        if self._ahead is None:
+            self._ahead = [np.array(g, dtype=np.float64) for g in self._sample_ahead(n)]
+        if len(self._ahead) != n:
+            raise ValueError(f"{len(self._ahead)} genomes were drawn ahead for this generation, not {n}")
+        return [g.copy() for g in self._ahead]
 
     def tell(self, genomes: list[np.ndarray], fitnesses: list[float], objectives: list[list[float]] | None = None) -> None:
         """Report the fitness of the whole last generation, in the order it was asked
@@ -82,6 +115,7 @@ class Optimizer(ABC):
             "popsize": self.popsize,
             "generation": self._generation,
             "pending": None if self._pending is None else [g.copy() for g in self._pending],
+            "ahead": None if self._ahead is None else [g.copy() for g in self._ahead],
             "worst": self._worst,
             "worst_objectives": self._worst_objectives,
             "backend_state": self._state(),
@@ -95,6 +129,7 @@ class Optimizer(ABC):
             raise ValueError(f"state of (backend, dim, popsize) = {theirs} cannot load into {mine}")
         self._generation = state["generation"]
         self._pending = None if state["pending"] is None else [g.copy() for g in state["pending"]]
+        self._ahead = None if state.get("ahead") is None else [g.copy() for g in state["ahead"]]
         self._worst = state["worst"]
         self._worst_objectives = state.get("worst_objectives")
         self._load_state(state["backend_state"])
@@ -124,8 +159,13 @@ class Optimizer(ABC):
     # --- backend hooks -------------------------------------------------------
 
     @abstractmethod
-    def _ask(self) -> list[np.ndarray]:
-        """Sample ``popsize`` new genomes in [0,1]^dim."""
+    def _ask(self, first: list[np.ndarray]) -> list[np.ndarray]:
+        """Sample ``popsize`` new genomes in [0,1]^dim, starting with ``first`` (drawn ahead,
+        empty unless the backend ``supports_ahead``)."""
+
+    def _sample_ahead(self, n: int) -> list[np.ndarray]:
+        """``n`` genomes from the current distribution, for the next generation."""
+        raise NotImplementedError
 
     @abstractmethod
     def _tell(self, genomes: list[np.ndarray], fitnesses: list[float]) -> None:

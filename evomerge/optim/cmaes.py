@@ -45,9 +45,30 @@ class CMAES(Optimizer):
             "verb_log": 0,  # no outcmaes/ files
         }
         self._es = cma.CMAEvolutionStrategy(mean, sigma0, options)
+        self._ahead_geno: list[np.ndarray] = []  # cma's own (unbounded) form of the genomes drawn ahead
 
-    def _ask(self) -> list[np.ndarray]:
-        return self._es.ask()
+    supports_ahead = True
+
+    def _ask(self, first: list[np.ndarray]) -> list[np.ndarray]:
+        es = self._es
+        if not first:
+            return es.ask()
+        # forced injection: cma puts them first and bounds their step in tell. It stores them
+        # as (x - mean) / sigma and returns mean + sigma * that, a rounding away from x: the
+        # genomes scored are the ones drawn, registered as cma's samples of those positions
+        es.inject([g.copy() for g in self._ahead_geno], force=True)
+        self._ahead_geno = []
+        genomes = es.ask()
+        for i, g in enumerate(first):
+            geno = es.sent_solutions[genomes[i]]["geno"]
+            es.sent_solutions.insert(np.array(g, dtype=np.float64), geno=geno, iteration=es.countiter)
+            genomes[i] = np.array(g, dtype=np.float64)
+        return genomes
+
+    def _sample_ahead(self, n: int) -> list[np.ndarray]:
+        es = self._es
+        self._ahead_geno = [np.array(g, dtype=np.float64) for g in es.ask_geno(n)]
+        return [es.gp.pheno(g, copy=True, into_bounds=es.boundary_handler.repair) for g in self._ahead_geno]
 
     def _tell(self, genomes: list[np.ndarray], fitnesses: list[float]) -> None:
         # cma recognizes its own samples by their bytes and recovers their unbounded
@@ -55,7 +76,11 @@ class CMAES(Optimizer):
         self._es.tell(genomes, [-f for f in fitnesses])
 
     def _state(self) -> bytes:
-        return pickle.dumps(self._es)  # bytes: a snapshot that later steps cannot change
+        # bytes: a snapshot that later steps cannot change
+        return pickle.dumps({"es": self._es, "ahead_geno": self._ahead_geno})
 
     def _load_state(self, state: bytes) -> None:
-        self._es = pickle.loads(state)
+        loaded = pickle.loads(state)
+        if isinstance(loaded, cma.CMAEvolutionStrategy):  # a checkpoint from before asking ahead
+            loaded = {"es": loaded, "ahead_geno": []}
+        self._es, self._ahead_geno = loaded["es"], loaded["ahead_geno"]

@@ -28,7 +28,7 @@ class _OptunaOptimizer(Optimizer):
         )
         self._trials: list[int] = []  # trial numbers of the pending generation
 
-    def _ask(self) -> list[np.ndarray]:
+    def _ask(self, first: list[np.ndarray]) -> list[np.ndarray]:
         trials = [self._study.ask() for _ in range(self.popsize)]
         self._trials = [t.number for t in trials]
         return [np.array([t.suggest_float(f"x{i}", 0.0, 1.0) for i in range(self.dim)]) for t in trials]

@@ -20,8 +20,13 @@ class RandomSearch(Optimizer):
         super().__init__(dim, popsize)
         self._rng = np.random.default_rng(seed)
 
-    def _ask(self) -> list[np.ndarray]:
-        return list(self._rng.random((self.popsize, self.dim)))
+    supports_ahead = True
+
+    def _ask(self, first: list[np.ndarray]) -> list[np.ndarray]:
+        return list(first) + list(self._rng.random((self.popsize - len(first), self.dim)))
+
+    def _sample_ahead(self, n: int) -> list[np.ndarray]:
+        return list(self._rng.random((n, self.dim)))
 
     def _tell(self, genomes: list[np.ndarray], fitnesses: list[float]) -> None:
         pass  # nothing to learn

@@ -54,6 +54,24 @@ def apply_overrides(cfg: SearchConfig, o: Overrides) -> SearchConfig:
     return cfg.model_copy(update={"optimizer": opt, "workers": workers})
 
 
+def with_lookahead(cfg: SearchConfig) -> SearchConfig:
+    """The config with its lookahead settled, frozen into the run (a resume with other workers
+    keeps it, so the trajectory does not depend on them). auto: one fewer than the workers, so
+    none idles while a generation's last candidate runs, at most half the population (the
+    rest is drawn from the distribution told the last generation); 0 without Ray workers, or
+    for a backend that cannot draw ahead."""
+    o, count = cfg.optimizer, cfg.workers.count
+    if o.lookahead is not None:
+        if o.lookahead >= o.popsize:
+            raise UserError(f"optimizer.lookahead {o.lookahead} must be below popsize {o.popsize}")
+        return cfg
+    from ..optim.registry import OPTIMIZERS
+
+    backend = OPTIMIZERS.get(o.backend)
+    auto = min(count - 1, o.popsize // 2) if count >= 2 and backend is not None and backend.supports_ahead else 0
+    return cfg.model_copy(update={"optimizer": o.model_copy(update={"lookahead": auto})})
+
+
 def build_space(cfg: SearchConfig) -> SearchSpace:
     """Open every source's header (cheap) to check it and count its layers."""
     loras = [ref for ref in cfg.model_refs() if split_ref(ref)[1] is not None]
@@ -144,7 +162,7 @@ def start(config_path: str, run_dir: str | None, overrides: Overrides, progress:
 def start_config(cfg: SearchConfig, default_name: str, run_dir: str | None, overrides: Overrides, progress: bool = True,
                  origin: str = "search started") -> Path:
     """A new run of ``cfg`` (a loaded config: from a file, or the Python API's dict)."""
-    cfg = apply_overrides(cfg, overrides)
+    cfg = with_lookahead(apply_overrides(cfg, overrides))
     rd = RunDir(run_dir or Path("runs") / (cfg.name or default_name))
     if rd.path.exists() and any(rd.path.iterdir()):
         raise UserError(f"run directory {rd.path} already exists; resume it with `evomerge resume {rd.path}` or pass another --run-dir")
@@ -219,6 +237,7 @@ def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=
     try:
         while search.opt.generation < search.generations and not search.stop_early():
             search.generation()
+        search._drain()
         search.finish()
     finally:
         search.close()
@@ -248,46 +267,43 @@ class _Search:
         total = self.generations * o.popsize
         self.bar = tqdm(total=total, initial=min(len(self.done), total), desc="search", unit="cand",
                         disable=not progress, dynamic_ncols=True)
+        self.lookahead = o.lookahead or 0  # None in runs from before asking ahead: 0, as they ran
+        if self.lookahead and not self.opt.supports_ahead:
+            raise UserError(f"optimizer.lookahead {self.lookahead}: backend {o.backend} cannot draw a generation ahead "
+                            "(cma and random can); set lookahead: 0")
+        self.waiting: dict[str, list[tuple[int, int, np.ndarray]]] = {}  # recipe hash -> candidates sharing it
+        self.recipes: dict[str, tuple[dict, dict | None]] = {}  # recipe hash -> (recipe, race) as submitted
+        self.held: dict[int, dict[int, tuple]] = {}  # a later generation's results, until it starts
 
     def generation(self) -> None:
-        """Ask, score every new recipe once (as workers free up), tell, checkpoint."""
+        """Ask, score every new recipe once (as workers free up), tell, checkpoint.
+
+        With ``lookahead`` L, the next generation's first L genomes are drawn with this one
+        (optim/base.py ask_ahead) and queued behind it, so workers this generation leaves idle
+        at its end already score them; their results join the history when their generation
+        starts, so the history never depends on timing (a kill -9 at any moment resumes to
+        the uninterrupted run's). Each candidate races against the bar of the generation
+        whose distribution drew it."""
         gen, pop = self.opt.generation, self.cfg.optimizer.popsize
         genomes = self.opt.ask()
+        ahead = self.opt.ask_ahead(self.lookahead if gen + 1 < self.generations else 0)
         entries: list[dict | None] = [None] * len(genomes)
-        waiting: dict[str, list[int]] = {}  # recipe hash -> indices of the candidates sharing it
-        recipes: dict[str, dict] = {}
-        racing = self.cfg.fitness.racing
-        race = race_for(self.history, gen, racing) if racing is not None else None
+        held = self.held.pop(gen, {})
         for i, x in enumerate(genomes):
             eval_id = gen * pop + i
             if eval_id in self.done and np.allclose(self.done[eval_id]["genome"], x, atol=1e-12):
                 entries[i] = self.done[eval_id]
-                continue
-            recipe = self.space.decode(x)
-            h = recipe.hash()
-            if h in self.cache:
-                hit = self.cache[h]
-                entries[i] = self._record(gen, i, x, h, {"scores": hit["scores"], "fitness": hit["fitness"]}, None, cached=True)
+            elif i in held:
+                entries[i] = self._record(gen, i, *held[i])
+                self._improve_if_full(entries[i])
             else:
-                if h not in waiting:
-                    recipes[h] = recipe.to_dict()
-                    self.pool.submit((h, 1), recipes[h], "search", race)
-                waiting.setdefault(h, []).append(i)
-        while self.pool.pending:
-            out = self.pool.next_outcome()
-            h, attempt = out.tag
-            if out.result is None and out.retry and attempt < MAX_ATTEMPTS:
-                self.rd.log(f"generation {gen}: candidate {h} failed ({out.error}); running it again")
-                self.pool.submit((h, attempt + 1), recipes[h], "search", race)
-                continue
-            result, error = out.result or {}, out.error
-            if result.get("fitness") is not None and not math.isfinite(result["fitness"]):
-                error = f"non-finite fitness {result['fitness']}"
-                result = {**result, "fitness": None}
-            for n, i in enumerate(waiting[h]):
-                entries[i] = self._record(gen, i, genomes[i], h, result, error, cached=n > 0)
-            if error is None and is_full(entries[waiting[h][0]]):
-                self._improve(entries[waiting[h][0]])
+                entries[i] = self._queue(gen, i, x, drawn=gen - 1 if i < self.lookahead and gen > 0 else gen)
+        for j, x in enumerate(ahead):
+            if (gen + 1) * pop + j not in self.done:
+                self._queue(gen + 1, j, x, drawn=gen)
+        while any(e is None for e in entries):
+            for g, i, entry in self._next_outcome(gen):
+                entries[i] = entry
         if self.best is None and all(e["error"] for e in entries):
             # nothing has ever scored: the config, not one candidate, is at fault
             raise UserError(f"every candidate of generation {gen} failed, the first with: {entries[0]['error']}; "
@@ -303,6 +319,63 @@ class _Search:
         self.rd.save_checkpoint({"optimizer": self.opt.state_dict(), "generation": self.opt.generation,
                                  "elapsed_s": self.elapsed()})
         self.rd.log(f"generation {gen} done: best {self.best['fitness'] if self.best else None}")
+
+    def _queue(self, gen: int, i: int, x, drawn: int) -> dict | None:
+        """Candidate (gen, i): recorded at once when its recipe is scored already (None for
+        the next generation's, held), else queued to a worker or joined to the same recipe
+        in flight. ``drawn``: the generation whose distribution drew it (its racing bar)."""
+        recipe = self.space.decode(x)
+        h = recipe.hash()
+        if h in self.cache:
+            hit = self.cache[h]
+            result = {"scores": hit["scores"], "fitness": hit["fitness"]}
+            if gen > self.opt.generation:
+                self.held.setdefault(gen, {})[i] = (x, h, result, None, True)
+                return None
+            return self._record(gen, i, x, h, result, None, cached=True)
+        if h not in self.waiting:
+            racing = self.cfg.fitness.racing
+            race = race_for(self.history, drawn, racing) if racing is not None else None
+            self.recipes[h] = (recipe.to_dict(), race)
+            self.pool.submit((h, 1), self.recipes[h][0], "search", race)
+        slots = self.waiting.setdefault(h, [])
+        if not any((g, j) == (gen, i) for g, j, _ in slots):  # drawn ahead and still running: once
+            slots.append((gen, i, x))
+        return None
+
+    def _next_outcome(self, gen: int) -> list[tuple[int, int, dict | None]]:
+        """One worker's outcome: every candidate of this generation sharing its recipe,
+        recorded as (gen, i, entry); the next generation's are held for its start."""
+        out = self.pool.next_outcome()
+        h, attempt = out.tag
+        if out.result is None and out.retry and attempt < MAX_ATTEMPTS:
+            self.rd.log(f"generation {gen}: candidate {h} failed ({out.error}); running it again")
+            self.pool.submit((h, attempt + 1), self.recipes[h][0], "search", self.recipes[h][1])
+            return []
+        result, error = out.result or {}, out.error
+        if result.get("fitness") is not None and not math.isfinite(result["fitness"]):
+            error = f"non-finite fitness {result['fitness']}"
+            result = {**result, "fitness": None}
+        recorded = []
+        for n, (g, i, x) in enumerate(self.waiting.pop(h)):
+            if g > gen:
+                self.held.setdefault(g, {})[i] = (x, h, result, error, n > 0)
+            else:
+                recorded.append((g, i, self._record(g, i, x, h, result, error, cached=n > 0)))
+        if recorded:
+            self._improve_if_full(recorded[0][2])
+        return recorded
+
+    def _improve_if_full(self, entry: dict) -> None:
+        if entry["error"] is None and entry["fitness"] is not None and is_full(entry):
+            self._improve(entry)
+
+    def _drain(self) -> None:
+        """Candidates drawn ahead for a generation that will not run (an early stop): let
+        them finish, unrecorded, so the pool is free for the test split."""
+        while self.pool.pending:
+            self.pool.next_outcome()
+        self.waiting.clear()
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.started
@@ -358,7 +431,7 @@ class _Search:
             raise UserError("every candidate failed; see the errors in history.jsonl")
         rd, best = self.rd, self.best
         summary = (f"best fitness {best['fitness']:.4f} at eval {best['eval_id']}; "
-                   f"worker utilization {utilization:.0%}; best recipe: {rd.best}")
+                   f"worker utilization {utilization:.1%}; best recipe: {rd.best}")
         rd.log(summary)
         if self.progress:
             print(summary)

@@ -143,6 +143,16 @@ class OptimizerConfig(_Frozen):
     # generations, or when the run's search time (all sessions together) passes max_wall_s
     patience: Optional[int] = None
     max_wall_s: Optional[float] = None
+    # the next generation's first candidates drawn ahead and scored by otherwise idle
+    # workers (run/search.py with_lookahead); None: auto, settled when the run starts
+    lookahead: Optional[int] = None
+
+    @field_validator("lookahead")
+    @classmethod
+    def _lookahead(cls, v):
+        if v is not None and v < 0:
+            raise ValueError(f"lookahead {v} must be >= 0")
+        return v
 
     @field_validator("patience")
     @classmethod

@@ -10,8 +10,10 @@ Everything runs in the compute dtype (float32 on a CPU), holding exactly the val
 
 from __future__ import annotations
 
+import os
 import time
 
+import numpy as np
 import torch
 
 from ..fitness.env import set_offline_env
@@ -132,6 +134,8 @@ class CandidateWorker:
                 extra["docs"] = self.evaluators[split].documents
             else:
                 result, extra = self._race(model, race)
+        if BENCH_DELAY in os.environ:
+            time.sleep(bench_delay(os.environ[BENCH_DELAY], recipe.hash()))
         t2 = time.perf_counter()
         return {"scores": result.scores, "fitness": result.fitness, "merge_s": t1 - t0, "eval_s": t2 - t1,
                 "forward_s": timer.seconds, "wall_s": t2 - t0, "worker": self.worker_id, **extra}
@@ -174,6 +178,19 @@ class ForwardTimer:
     def __exit__(self, *_) -> None:
         for h in self._handles:
             h.remove()
+
+
+# bench/bench_search.py utilization: "MEAN_S,CV" adds a lognormal delay to every evaluation,
+# drawn from the recipe's hash (the same candidate waits as long on any worker and run), so
+# evaluation times vary as they do on real models; never set outside that bench
+BENCH_DELAY = "EVOMERGE_BENCH_DELAY"
+
+
+def bench_delay(spec: str, recipe_hash: str) -> float:
+    mean, cv = (float(v) for v in spec.split(","))
+    sigma = float(np.sqrt(np.log1p(cv * cv)))
+    rng = np.random.default_rng(int(recipe_hash, 16))
+    return float(mean * np.exp(sigma * rng.standard_normal() - sigma * sigma / 2))
 
 
 def _first_line(e: BaseException) -> str:

@@ -30,10 +30,17 @@ class Outcome:
 
 @dataclass
 class _Usage:
-    """Worker-reported busy time over the pool's wall time, from when every worker was ready."""
+    """Worker-reported busy time over the pool's wall time, from the first candidate submitted
+    (the driver's start-up before it, building the space and the run dir, is not the search's
+    scheduling; until a submission, from when every worker was ready)."""
 
     started: float = field(default_factory=time.perf_counter)
     busy_s: float = 0.0
+    submitted: bool = False
+
+    def start(self) -> None:
+        if not self.submitted:
+            self.started, self.submitted = time.perf_counter(), True
 
     def add(self, outcome: "Outcome") -> "Outcome":
         if outcome.result is not None:
@@ -58,6 +65,7 @@ class InProcessPool:
         self.usage = _Usage()
 
     def submit(self, tag, recipe: dict, split: str = "search", race: dict | None = None) -> None:
+        self.usage.start()
         self.queue.append((tag, recipe, split, race))
 
     @property
@@ -135,6 +143,7 @@ class RayPool:
         return actor
 
     def submit(self, tag, recipe: dict, split: str = "search", race: dict | None = None) -> None:
+        self.usage.start()
         self.queue.append((tag, recipe, split, race))
         self._dispatch()
 
