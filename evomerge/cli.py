@@ -70,7 +70,7 @@ def cmd_zoo(args) -> int:
     from .zoo.build import DEFAULT_DIR, build_zoo, check_reference
 
     out = build_zoo(args.out_dir or DEFAULT_DIR, seed=args.seed, preset=args.preset, progress=not args.quiet,
-                    threads=args.threads, train=args.train)
+                    threads=args.threads)
     warning = check_reference(out)
     if warning:
         print(f"evomerge: warning: {warning}", file=sys.stderr)
@@ -167,14 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zoo", help="the toy model family that makes the default search work offline")
     zsub = p.add_subparsers(dest="zoo_verb", required=True)
-    z = zsub.add_parser("build", help="install the zoo the package ships (default preset, seed 0), or train one")
+    z = zsub.add_parser("build", help="train (or find cached) the zoo")
     z.add_argument("out_dir", nargs="?", default=None, help="default runs/zoo")
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--preset", default="default", help="default, or tiny (seconds; for tests)")
     z.add_argument("--threads", type=int, default=None,
-                   help="torch threads for training (default 2; the count changes no bit of a pinned build)")
-    z.add_argument("--train", action="store_true",
-                   help="train even the family the package ships (~8-10 min on 2 cores; another CPU make trains another family)")
+                   help="torch threads (default 2); part of what the zoo is: another count is another (equally reproducible) family")
     z.add_argument("--quiet", action="store_true")
     z.set_defaults(func=cmd_zoo)
     z = zsub.add_parser("smollm2", help="the real SmolLM2-135M-Instruct (from its PyPI wheel, converted once) and seeded bf16 fine-tunes")

@@ -123,55 +123,11 @@ def read_manifest(zoo_dir: str | Path) -> dict | None:
         return None
 
 
-def _is_complete(zoo_dir: Path, manifest: dict | None, digest: str, weights: str | None = None) -> bool:
-    """Whether ``zoo_dir`` holds the zoo of these settings (and, given ``weights``, exactly
-    that family: a zoo trained elsewhere, or by an older version, is another family)."""
+def _is_complete(zoo_dir: Path, manifest: dict | None, digest: str) -> bool:
     if manifest is None or manifest.get("hash") != digest:
         return False
-    if weights is not None and manifest.get("weights_sha256") != weights:
-        return False
-    return all((zoo_dir / d / "config.json").is_file() for d in _dirs(manifest))
-
-
-def _dirs(manifest: dict) -> list[str]:
-    return list(manifest["models"].values()) + [d for ds in manifest["checkpoints"].values() for d in ds]
-
-
-# Families the package ships (evomerge/zoo/shipped/<preset>-<seed>/), built by this module
-# with --train: training is one float trajectory, and CPUs of other makes round it into
-# other families even on pinned code paths (an Intel Xeon and an AMD EPYC, both AVX-512,
-# gave two; bench/RESULTS.md), so the README's numbers hold everywhere only for a family
-# that is copied, not retrained. 20 MB: the base, three specialists, two SWA checkpoints
-# (the last checkpoint is the specialist itself and is copied from it).
-SHIPPED = Path(__file__).resolve().parent / "shipped"
-
-
-def shipped(preset: str, seed: int) -> Path | None:
-    d = SHIPPED / f"{preset}-{seed}"
-    return d if (d / MANIFEST).is_file() else None
-
-
-def install_shipped(src: Path, out: Path) -> Path:
-    """Copy the shipped family ``src`` into ``out``, checked against its sha256, atomically."""
-    manifest = json.loads((src / MANIFEST).read_text(encoding="utf-8"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for d in _dirs(manifest):
-            from_dir = src / d
-            if not from_dir.is_dir():  # the last checkpoint: the specialist itself
-                from_dir = src / manifest["models"][d.split("_ckpt/")[0]]
-            shutil.copytree(from_dir, tmp / d)
-        if weights_digest(tmp, manifest) != manifest["weights_sha256"]:
-            raise UserError(f"the zoo shipped in {src} does not match its checksum; reinstall evomerge, or train "
-                            "the zoo with `evomerge zoo build --train`")
-        manifest["installed_from"] = "shipped with evomerge"
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    dirs = list(manifest["models"].values()) + [d for ds in manifest["checkpoints"].values() for d in ds]
+    return all((zoo_dir / d / "config.json").is_file() for d in dirs)
 
 
 def build_zoo(
@@ -180,10 +136,8 @@ def build_zoo(
     preset: str = "default",
     progress: bool = True,
     threads: int | None = None,
-    train: bool = False,
 ) -> Path:
-    """Build (or find cached) the zoo under ``out_dir``; returns its path. A family the
-    package ships is copied (seconds) unless ``train``: then it is trained, as any other.
+    """Build (or find cached) the zoo under ``out_dir``; returns its path.
 
     ``threads`` overrides the preset's torch thread count (e.g. 2 on an idle 2-core machine).
     """
@@ -194,14 +148,10 @@ def build_zoo(
         settings = replace(settings, threads=threads)
     digest = settings.digest()
     out = Path(out_dir)
-    src = None if train else shipped(preset, seed)
-    want = reference_weights(preset, seed) if src is not None else None
-    if _is_complete(out, read_manifest(out), digest, want):
+    if _is_complete(out, read_manifest(out), digest):
         return out
     if out.exists() and any(out.iterdir()) and read_manifest(out) is None:
         raise UserError(f"{out} exists and is not a zoo (no {MANIFEST}); pass an empty or new directory")
-    if src is not None:
-        return install_shipped(src, out)
     if not in_build_env():
         return _build_in_child(out, seed, preset, settings.threads, progress)
 
@@ -230,27 +180,27 @@ def torch_capability() -> str:
 def weights_digest(zoo: Path, manifest: dict) -> str:
     """sha256 over every model file of the zoo, in manifest order: the family, bit for bit."""
     h = hashlib.sha256()
-    for d in _dirs(manifest):
+    dirs = list(manifest["models"].values()) + [d for ds in manifest["checkpoints"].values() for d in ds]
+    for d in dirs:
         h.update((Path(zoo) / d / "model.safetensors").read_bytes())
     return h.hexdigest()
 
 
-def reference_weights(preset: str | None, seed: int | None) -> str | None:
-    """The sha256 of the family the package ships for these settings, if it ships one (the
-    default: trained 2026-12-02, pinned, on an Intel Xeon with AVX-512; the README's numbers)."""
-    src = shipped(preset, seed) if isinstance(preset, str) and isinstance(seed, int) else None
-    return json.loads((src / MANIFEST).read_text(encoding="utf-8"))["weights_sha256"] if src is not None else None
+# The default family that the README and docs/methods.md report (trained 2026-12-02, pinned,
+# on an AVX-512 Intel Xeon). The pin makes CPUs of one make agree (AVX-512 and AVX2 AMD EPYCs
+# trained 9677c870... bit for bit), not CPUs of two: see bench/RESULTS.md, fourth session.
+REFERENCE_WEIGHTS = {("default", 0): "1b909cd365566967d2be88cd8594263f93cde76281643c0675a774ec024b2c0c"}
 
 
 def check_reference(zoo: Path) -> str | None:
     """A warning when ``zoo`` is a preset and seed with a reference family and its bits differ."""
     m = read_manifest(zoo) or {}
     s = m.get("settings", {})
-    want = reference_weights(s.get("preset"), s.get("seed"))
+    want = REFERENCE_WEIGHTS.get((s.get("preset"), s.get("seed")))
     if want is None or m.get("weights_sha256") == want:
         return None
-    return (f"this zoo's weights differ from the family evomerge ships (sha256 {m.get('weights_sha256', '?')[:12]} vs "
-            f"{want[:12]}): the README's toy results are the shipped family's; `evomerge zoo build` without --train installs it")
+    return (f"this zoo's weights differ from the reference family (sha256 {m.get('weights_sha256', '?')[:12]} vs "
+            f"{want[:12]}): the toy results the README reports will not hold here; please report your CPU and torch version")
 
 
 _UNPINNED = "EVOMERGE_ZOO_UNPINNED"  # set for the child on a CPU without AVX2
@@ -271,7 +221,7 @@ def pinnable() -> bool:
 
 
 def _build_in_child(out: Path, seed: int, preset: str, threads: int, progress: bool) -> Path:
-    args = [str(out), "--seed", str(seed), "--preset", preset, "--threads", str(threads), "--train"]
+    args = [str(out), "--seed", str(seed), "--preset", preset, "--threads", str(threads)]
     return run_pinned("evomerge.zoo.build", args, threads, progress, out)
 
 
@@ -368,13 +318,11 @@ def _main() -> None:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--train", action="store_true")
     args = ap.parse_args()
     if not in_build_env():
         raise SystemExit("run `evomerge zoo build`, which starts this with the pinned environment")
     try:
-        build_zoo(args.out_dir, seed=args.seed, preset=args.preset, progress=not args.quiet, threads=args.threads,
-                  train=args.train)
+        build_zoo(args.out_dir, seed=args.seed, preset=args.preset, progress=not args.quiet, threads=args.threads)
     except UserError as e:
         raise SystemExit(f"evomerge: error: {e}") from None
 
