@@ -237,7 +237,7 @@ def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=
     try:
         while search.opt.generation < search.generations and not search.stop_early():
             search.generation()
-        search._drain()
+        search.drain()
         search.finish()
     finally:
         search.close()
@@ -370,7 +370,7 @@ class _Search:
         if entry["error"] is None and entry["fitness"] is not None and is_full(entry):
             self._improve(entry)
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         """Candidates drawn ahead for a generation that will not run (an early stop): let
         them finish, unrecorded, so the pool is free for the test split."""
         while self.pool.pending:
