@@ -6,6 +6,19 @@
     run = evomerge.search("search_spaces/toy_ps.yaml")          # or a dict, or a SearchConfig
     run.best(), run.history(); evomerge.resume(run.path)
 
+Your own fitness in place of lm-eval tasks: a function of the live candidate and its
+tokenizer, returning a number (or a dict holding "fitness"; its other keys are kept as
+scores). In a config, ``fitness: {function: "package.module:name"}``; from Python, any
+callable, sent to the Ray workers by value:
+
+    def neg_nll(model, tokenizer):                              # called under torch.no_grad()
+        ids = tokenizer("a text the merge should know", return_tensors="pt").input_ids
+        return -float(model(ids, labels=ids).loss)
+    run = evomerge.search("search_spaces/toy_ps.yaml", fitness=neg_nll)
+    evomerge.resume(run.path, fitness=neg_nll)                  # a callable run needs it again
+
+The history keeps each value as ``scores["function"]["fitness"]`` (fitness/function.py).
+
 Each is the library function the CLI calls, so a script and the command give the same
 tensors, scores and run directories. Bad input raises ``evomerge.UserError`` with the
 one-line message the command would print.
@@ -15,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .fitness.env import set_offline_env, set_quiet_env
 
@@ -108,26 +121,49 @@ class Run:
 
 def search(config: str | Path | dict | Any, *, run_dir: str | Path | None = None, max_evals: int | None = None,
            workers: int | None = None, seed: int | None = None, ray_address: str | None = None,
-           progress: bool = False) -> Run:
+           progress: bool = False, tensorboard: bool = False, fitness: Callable | None = None) -> Run:
     """Run a search to its end; returns its run. ``config``: a YAML path (relative model paths
-    from its folder), a dict (relative paths from the working directory) or a SearchConfig."""
+    from its folder), a dict (relative paths from the working directory) or a SearchConfig.
+    ``tensorboard``: also log it to RUN_DIR/tensorboard/ (needs ``evomerge[tracking]``).
+    ``fitness``: ``fn(model, tokenizer) -> float | dict`` scoring every candidate in place of
+    the config's fitness tasks or function (the frozen config records its module:qualname)."""
     from .run import search as runner
-    from .space.config import SearchConfig, parse_search_config
+    from .space.config import SearchConfig, load_search_config, parse_search_config
 
     overrides = runner.Overrides(max_evals=max_evals, workers=workers, seed=seed, ray_address=ray_address)
     rd = str(run_dir) if run_dir is not None else None
-    if isinstance(config, (str, Path)):
-        return Run(Path(runner.start(str(config), rd, overrides, progress=progress)))
-    if isinstance(config, dict):
+    name, origin = "search", "search started from the Python API"
+    if isinstance(config, (str, Path)):  # as `evomerge search CONFIG` starts it
+        name, origin = Path(config).stem, f"search started from {config}"
+        config = load_search_config(config)
+    elif isinstance(config, dict):
         config = parse_search_config(config, Path.cwd())
     if not isinstance(config, SearchConfig):
         raise UserError(f"config must be a path, a dict or a SearchConfig, not {type(config).__name__}")
-    return Run(Path(runner.start_config(config, "search", rd, overrides, progress, "search started from the Python API")))
+    if fitness is not None:
+        config = _with_callable(config, fitness)
+    return Run(Path(runner.start_config(config, name, rd, overrides, progress, origin, tensorboard, fitness)))
 
 
-def resume(run_dir: str | Path, *, max_evals: int | None = None, ray_address: str | None = None, progress: bool = False) -> Run:
+def _with_callable(config, fn: Callable):
+    """The config scored by ``fn``: its tasks' document choices (limit, racing) go with them;
+    task_path and batch_size stay for the test: tasks."""
+    from .fitness.function import function_name
+    from .space.config import FitnessConfig
+
+    if not callable(fn):
+        raise UserError(f"fitness must be a callable fn(model, tokenizer), not {type(fn).__name__}")
+    old = config.fitness
+    new = FitnessConfig(function=function_name(fn), by_value=True, batch_size=old.batch_size, task_path=old.task_path)
+    return config.model_copy(update={"fitness": new})
+
+
+def resume(run_dir: str | Path, *, max_evals: int | None = None, ray_address: str | None = None, progress: bool = False,
+           tensorboard: bool = False, fitness: Callable | None = None) -> Run:
     """Continue a run after a crash or a stop (the same trajectory as an uninterrupted run);
-    ``max_evals`` gives it a new budget."""
+    ``max_evals`` gives it a new budget; ``fitness``: the callable a run started with
+    ``search(..., fitness=fn)`` needs again."""
     from .run import search as runner
 
-    return Run(Path(runner.resume(str(run_dir), None, ray_address, progress=progress, max_evals=max_evals)))
+    return Run(Path(runner.resume(str(run_dir), None, ray_address, progress=progress, max_evals=max_evals,
+                                  tensorboard=tensorboard, fitness_fn=fitness)))

@@ -98,16 +98,18 @@ def cmd_search(args) -> int:
     if args.resume:
         if not args.run_dir:
             raise UserError("--resume needs --run-dir (the run to continue)")
-        search.resume(args.run_dir, args.config, args.ray_address, progress=not args.quiet, max_evals=args.max_evals)
+        search.resume(args.run_dir, args.config, args.ray_address, progress=not args.quiet, max_evals=args.max_evals,
+                      tensorboard=args.tensorboard)
     else:
-        search.start(args.config, args.run_dir, _overrides(args), progress=not args.quiet)
+        search.start(args.config, args.run_dir, _overrides(args), progress=not args.quiet, tensorboard=args.tensorboard)
     return 0
 
 
 def cmd_resume(args) -> int:
     from .run import search
 
-    search.resume(args.run_dir, None, args.ray_address, progress=not args.quiet, max_evals=args.max_evals)
+    search.resume(args.run_dir, None, args.ray_address, progress=not args.quiet, max_evals=args.max_evals,
+                  tensorboard=args.tensorboard)
     return 0
 
 
@@ -189,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ray-address", default=None, help="join a running cluster (e.g. auto after `ray start --head`)")
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (the config must match)")
+        p.add_argument("--tensorboard", action="store_true", help='also log the search to RUN_DIR/tensorboard/ (needs pip install "evomerge[tracking]")')
         p.add_argument("--quiet", action="store_true")
         p.set_defaults(func=cmd_search)
 
@@ -196,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--max-evals", type=int, default=None, help="a new budget for the run (e.g. raise it to search on)")
     p.add_argument("--ray-address", default=None)
+    p.add_argument("--tensorboard", action="store_true", help='also log the search to RUN_DIR/tensorboard/ (needs pip install "evomerge[tracking]")')
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_resume)
 
@@ -211,12 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the Pareto-front member maximizing these weights over the fitness terms (comma-separated)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("report", help="summarize a run: per-generation table, test results, fitness plot")
+    p = sub.add_parser("report", help="summarize a run (also while it runs): tables, and RUN_DIR/report/ with figures and report.html")
     p.add_argument("run_dir")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="print the tables only; write no report/ folder")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("runs", help="every run under a folder: evals done, best fitness, finished / stopped / interrupted")
+    p = sub.add_parser("runs", help="every run under a folder: running / finished / stopped early / crashed, evals done, best fitness")
     p.add_argument("root", nargs="?", default="runs", help="folder holding run directories (default runs/)")
     p.set_defaults(func=cmd_runs)
     return parser

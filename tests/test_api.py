@@ -25,6 +25,8 @@ def test_readme_api_example_runs(tiny_zoo, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "ta" / "model.safetensors").is_file()
     history = [json.loads(line) for line in (tmp_path / "search" / "history.jsonl").read_text().splitlines()]
     assert len(history) == 12 and "task_arithmetic" in out  # resumed with a budget of 12
+    custom = [json.loads(line) for line in (tmp_path / "custom" / "history.jsonl").read_text().splitlines()]
+    assert len(custom) == 8 and all(set(e["scores"]) == {"function"} for e in custom)
 
 
 def test_api_results_agree_with_the_cli(tiny_zoo, tmp_path):

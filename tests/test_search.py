@@ -53,7 +53,7 @@ def test_in_process_search_run_dir_and_export(tiny_zoo, tmp_path, capsys):
     assert main(["export", str(run), "--format", "mergekit", "--out", str(tmp_path / "mk.yaml")]) == 0
     mk = yaml.safe_load((tmp_path / "mk.yaml").read_text())
     assert mk["merge_method"] == "task_arithmetic" and "routing" not in mk and "seed" not in mk
-    assert main(["report", str(run)]) == 0 and (run / "fitness.png").is_file()
+    assert main(["report", str(run)]) == 0 and (run / "report" / "report.html").is_file()
 
 
 def test_ray_search_dfs_and_ps_dfs(tiny_zoo, tmp_path):
@@ -269,7 +269,7 @@ def test_patience_and_wall_time_stop_a_run_at_a_generation_end(tiny_zoo, tmp_pat
         assert main(["runs", str(tmp_path)]) == 0
     rows = {line.split(" | ")[0].strip("| "): line for line in out.getvalue().splitlines()[2:]}
     assert "stopped early" in rows[str(tmp_path / "run")] and "stopped early" in rows[str(tmp_path / "wall")]
-    assert "4/400" in rows[str(tmp_path / "wall")] and "interrupted" in rows[str(tmp_path / "fresh")]
+    assert "4/400" in rows[str(tmp_path / "wall")] and "crashed" in rows[str(tmp_path / "fresh")]
 
 
 def test_nsga2_keeps_the_pareto_front_and_exports_any_member(tiny_zoo, tmp_path, capsys):

@@ -140,16 +140,20 @@ def test_manifest_is_json_with_settings(tiny_zoo):
     assert manifest["build_s"] >= 0
 
 
-def test_builds_run_pinned_and_the_thread_count_changes_no_bit(tiny_zoo, tmp_path):
-    """The build's child runs torch's AVX2 kernels on any AVX2 CPU (AVX-512 ones included), and
-    one or two threads give the same weights, so every machine builds the same family."""
-    from evomerge.zoo.build import pinnable, read_manifest, weights_digest
+def test_builds_run_pinned_and_reproduce_for_a_thread_count(tiny_zoo, tmp_path):
+    """The build's child runs torch's AVX2 kernels and MKL's cross-vendor branch on any AVX2
+    CPU (AVX-512 ones included); a second build with the same thread count gives the same bits,
+    and another count is another zoo (MKL reproduces for a fixed count), never a cache hit."""
+    from evomerge.zoo.build import PINNED_ENV, pinnable, read_manifest, weights_digest
 
     manifest = read_manifest(tiny_zoo)
     if pinnable():
         assert manifest["cpu_capability"] == "AVX2"
-    other = build_zoo(tmp_path / "one_thread", preset="tiny", progress=False, threads=1)
-    assert read_manifest(other)["weights_sha256"] == manifest["weights_sha256"] == weights_digest(tiny_zoo, manifest)
+        assert manifest["pinned_env"] == PINNED_ENV
+    again = read_manifest(build_zoo(tmp_path / "again", preset="tiny", progress=False, threads=2))
+    assert again["weights_sha256"] == manifest["weights_sha256"] == weights_digest(tiny_zoo, manifest)
+    one = read_manifest(build_zoo(tmp_path / "one_thread", preset="tiny", progress=False, threads=1))
+    assert one["hash"] != manifest["hash"]
 
 
 def test_a_zoo_that_is_not_the_reference_family_is_told(tiny_zoo, tmp_path):

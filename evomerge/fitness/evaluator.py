@@ -225,11 +225,12 @@ class Evaluator:
         return self.score_model(model, tokenizer)
 
 
-def evaluators_for(cfg, device: str = "cpu", test: bool = True) -> dict[str, Evaluator]:
-    """A search config's evaluators: "search" (its fitness, on its subsets) and "test" (whole splits)."""
+def evaluators_for(cfg, device: str = "cpu", test: bool = True, function=None) -> dict[str, Evaluator]:
+    """A search config's evaluators: "search" (its fitness, on its subsets) and "test" (whole splits).
+    ``function``: the callable given to evomerge.search(fitness=...), for a config whose
+    fitness.function records it (fitness/function.py)."""
     fit = cfg.fitness
-    out = {"search": Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in fit.tasks], fit.task_path, fit.limit,
-                               fit.batch_size, device, limits=fit.limits, subset=fit.subset, subset_seed=fit.subset_seed)}
+    out = {"search": _search_evaluator(fit, device, function)}
     if fit.racing is not None:
         from evomerge.fitness.racing import racing_samples
 
@@ -239,6 +240,15 @@ def evaluators_for(cfg, device: str = "cpu", test: bool = True) -> dict[str, Eva
     if cfg.test and test:
         out["test"] = Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in cfg.test], fit.task_path, None, fit.batch_size, device)
     return out
+
+
+def _search_evaluator(fit, device: str, function):
+    if fit.function is not None:
+        from evomerge.fitness.function import FunctionEvaluator, function_for
+
+        return FunctionEvaluator(function_for(fit, function), fit.function)
+    return Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in fit.tasks], fit.task_path, fit.limit,
+                     fit.batch_size, device, limits=fit.limits, subset=fit.subset, subset_seed=fit.subset_seed)
 
 
 def _reuse_requests(task) -> None:

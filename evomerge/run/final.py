@@ -16,17 +16,20 @@ def comparison_recipes(cfg: SearchConfig, best: Recipe) -> dict[str, dict]:
     return rows
 
 
-def score_table(pool, cfg: SearchConfig, best: Recipe) -> tuple[list[str], dict[str, dict]]:
-    """Scores of every comparison row on the test terms, computed on the search's own workers."""
+def score_table(pool, cfg: SearchConfig, best: Recipe, splits: tuple[str, ...] = ("test",)) -> tuple[list[str], dict[str, dict[str, dict]]]:
+    """Scores of every comparison row on each split's terms (split -> row -> result),
+    computed on the search's own workers."""
     rows = comparison_recipes(cfg, best)
     for name, recipe in rows.items():
         parse_recipe(recipe)  # a bad row is a bug here, not a user error at the end of a long run
-        pool.submit(name, recipe, "test")
-    out = {}
+        for split in splits:
+            pool.submit((split, name), recipe, split)
+    out: dict[str, dict[str, dict]] = {split: {} for split in splits}
     while pool.pending:
         o = pool.next_outcome()
-        out[o.tag] = o.result if o.result is not None else {"error": o.error}
-    return list(rows), out
+        split, name = o.tag
+        out[split][name] = o.result if o.result is not None else {"error": o.error}
+    return list(rows), {split: {name: out[split][name] for name in rows} for split in splits}
 
 
 def format_table(cfg: SearchConfig, order: list[str], results: dict[str, dict]) -> str:

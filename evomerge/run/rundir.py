@@ -61,9 +61,11 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def read_history(self) -> list[dict]:
-        """Entries in order. A torn last line (a kill mid-write) is dropped and cut off the file;
-        a bad line before it is no crash's doing, so it is reported, never silently cut."""
+    def read_history(self, repair: bool = True) -> list[dict]:
+        """Entries in order. A torn last line (a kill mid-write) is dropped and, with ``repair``
+        (the search itself, before it appends), cut off the file: a reader beside a live search
+        must not cut the line being written. A bad line before it is no crash's doing, so it
+        is reported, never silently cut."""
         if not self.history.is_file():
             return []
         raw = self.history.read_bytes()
@@ -81,7 +83,7 @@ class RunDir:
                 break
             entries.append(entry)
             good += len(line)
-        if good != len(raw):
+        if repair and good != len(raw):
             with open(self.history, "r+b") as f:
                 f.truncate(good)
         return entries

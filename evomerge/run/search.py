@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..fitness.function import check_resume
 from ..io.lora import split_ref
 from ..io.model_dir import open_model
 from ..merge.kernels import get_kernel
@@ -30,8 +31,10 @@ from ..space.config import SearchConfig, load_search_config
 from ..workers.pool import make_pool
 from .final import format_table, score_table
 from .front import front_json, front_table, objectives, pareto_front
+from .liveness import hold
 from .racing import is_full, race_for
 from .rundir import RunDir
+from .tracking import Tracker, summary_writer
 
 MAX_ATTEMPTS = 3  # a candidate that fails this often is recorded as failed and the search goes on
 
@@ -146,22 +149,28 @@ def check_plan(space: SearchSpace) -> None:
     plan(*prepare(recipe, opened), vocab=vocab.build(recipe, opened))
 
 
-def check_tasks(cfg: SearchConfig) -> dict | None:
-    """Load the fitness tasks once here, so a bad task name fails before any worker starts;
-    returns the documents the fitness scores per task (None: every document)."""
+def check_tasks(cfg: SearchConfig, fitness_fn=None) -> dict | None:
+    """Load the fitness tasks (or import the fitness function) once here, so a bad name fails
+    before any worker starts; returns the documents the fitness scores per task (None: every
+    document, or a function)."""
     from ..fitness.evaluator import evaluators_for
 
-    return evaluators_for(cfg)["search"].samples
+    return evaluators_for(cfg, function=fitness_fn)["search"].samples
 
 
-def start(config_path: str, run_dir: str | None, overrides: Overrides, progress: bool = True) -> Path:
+def start(config_path: str, run_dir: str | None, overrides: Overrides, progress: bool = True,
+          tensorboard: bool = False) -> Path:
     return start_config(load_search_config(config_path), Path(config_path).stem, run_dir, overrides, progress,
-                        f"search started from {config_path}")
+                        f"search started from {config_path}", tensorboard)
 
 
 def start_config(cfg: SearchConfig, default_name: str, run_dir: str | None, overrides: Overrides, progress: bool = True,
-                 origin: str = "search started") -> Path:
-    """A new run of ``cfg`` (a loaded config: from a file, or the Python API's dict)."""
+                 origin: str = "search started", tensorboard: bool = False, fitness_fn=None) -> Path:
+    """A new run of ``cfg`` (a loaded config: from a file, or the Python API's dict);
+    ``tensorboard``: also log it to RUN_DIR/tensorboard/ (run/tracking.py); ``fitness_fn``:
+    the callable a by_value fitness.function names (evomerge.search(fitness=fn))."""
+    if tensorboard:
+        summary_writer()  # a missing package fails before anything runs
     cfg = with_lookahead(apply_overrides(cfg, overrides))
     rd = RunDir(run_dir or Path("runs") / (cfg.name or default_name))
     if rd.path.exists() and any(rd.path.iterdir()):
@@ -169,8 +178,8 @@ def start_config(cfg: SearchConfig, default_name: str, run_dir: str | None, over
     space = build_space(cfg)
     check_plan(space)
     new_optimizer(cfg, space)  # a bad backend or budget fails here, before the run dir exists
-    samples = check_tasks(cfg)
-    pool = _make_pool(cfg, overrides.ray_address)  # GPUs and CPUs are checked before anything is written
+    samples = check_tasks(cfg, fitness_fn)
+    pool = _make_pool(cfg, overrides.ray_address, fitness_fn)  # GPUs and CPUs are checked before anything is written
     try:
         rd.create(cfg)
         if samples is not None:
@@ -178,20 +187,31 @@ def start_config(cfg: SearchConfig, default_name: str, run_dir: str | None, over
     except BaseException:
         pool.close()
         raise
-    rd.log(origin)
-    return run(rd, overrides.ray_address, progress, pool)
+    with hold(rd.path):
+        rd.log(origin)
+        return run(rd, overrides.ray_address, progress, pool, tensorboard)
 
 
-def _make_pool(cfg: SearchConfig, ray_address: str | None):
+def _make_pool(cfg: SearchConfig, ray_address: str | None, fitness_fn=None):
     w = cfg.workers
-    return make_pool(cfg.model_dump(mode="json"), w.count, w.gpus_per_worker, w.cpus_per_worker, ray_address)
+    return make_pool(cfg.model_dump(mode="json"), w.count, w.gpus_per_worker, w.cpus_per_worker, ray_address, fitness_fn)
 
 
 def resume(run_dir: str, config_path: str | None = None, ray_address: str | None = None, progress: bool = True,
-           max_evals: int | None = None) -> Path:
-    """Continue a run; ``max_evals`` raises (or lowers, down to what is done) its budget."""
+           max_evals: int | None = None, tensorboard: bool = False, fitness_fn=None) -> Path:
+    """Continue a run; ``max_evals`` raises (or lowers, down to what is done) its budget;
+    ``fitness_fn``: the callable it was started with (evomerge.resume(fitness=fn))."""
+    if tensorboard:
+        summary_writer()  # a missing package fails before anything runs
     rd = RunDir(run_dir)
     cfg = rd.load_config()
+    check_resume(cfg.fitness, fitness_fn)
+    with hold(rd.path):  # before anything is written: a second driver of a live run stops here
+        return _resume(rd, cfg, config_path, ray_address, progress, max_evals, tensorboard, fitness_fn)
+
+
+def _resume(rd: RunDir, cfg: SearchConfig, config_path: str | None, ray_address: str | None, progress: bool,
+            max_evals: int | None, tensorboard: bool, fitness_fn=None) -> Path:
     if max_evals is not None and max_evals != cfg.optimizer.max_evals:
         cfg = _new_budget(rd, cfg, max_evals)
     if config_path is not None:
@@ -203,7 +223,7 @@ def resume(run_dir: str, config_path: str | None = None, ray_address: str | None
             diff = _diff(cfg.model_dump(mode="json"), new.model_dump(mode="json"))
             raise UserError(f"{config_path} differs from the run's frozen config ({'; '.join(diff[:4])}); start a new run for a new config")
     rd.log("resumed")
-    return run(rd, ray_address, progress)
+    return run(rd, ray_address, progress, tensorboard=tensorboard, fitness_fn=fitness_fn)
 
 
 def _new_budget(rd: RunDir, cfg: SearchConfig, max_evals: int) -> SearchConfig:
@@ -231,9 +251,10 @@ def _diff(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
 
 
-def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=None) -> Path:
+def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=None, tensorboard: bool = False,
+        fitness_fn=None) -> Path:
     cfg = rd.load_config()
-    search = _Search(rd, cfg, pool or _make_pool(cfg, ray_address), progress)
+    search = _Search(rd, cfg, pool or _make_pool(cfg, ray_address, fitness_fn), progress, tensorboard)
     try:
         while search.opt.generation < search.generations and not search.stop_early():
             search.generation()
@@ -247,7 +268,7 @@ def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=
 class _Search:
     """The state of one search between generations, rebuilt from the run dir on resume."""
 
-    def __init__(self, rd: RunDir, cfg: SearchConfig, pool, progress: bool):
+    def __init__(self, rd: RunDir, cfg: SearchConfig, pool, progress: bool, tensorboard: bool = False):
         self.rd, self.cfg, self.pool, self.progress = rd, cfg, pool, progress
         self.space = build_space(cfg)
         o = cfg.optimizer
@@ -274,6 +295,7 @@ class _Search:
         self.waiting: dict[str, list[tuple[int, int, np.ndarray]]] = {}  # recipe hash -> candidates sharing it
         self.recipes: dict[str, tuple[dict, dict | None]] = {}  # recipe hash -> (recipe, race) as submitted
         self.held: dict[int, dict[int, tuple]] = {}  # a later generation's results, until it starts
+        self.tracker = Tracker(rd.path) if tensorboard else None  # last: nothing after it can fail and leave it open
 
     def generation(self) -> None:
         """Ask, score every new recipe once (as workers free up), tell, checkpoint.
@@ -318,6 +340,8 @@ class _Search:
             self._write_front()
         self.rd.save_checkpoint({"optimizer": self.opt.state_dict(), "generation": self.opt.generation,
                                  "elapsed_s": self.elapsed()})
+        if self.tracker is not None:  # after the checkpoint: a crash may drop this point, never log it twice
+            self.tracker.generation(gen, entries, self.best)
         self.rd.log(f"generation {gen} done: best {self.best['fitness'] if self.best else None}")
 
     def _queue(self, gen: int, i: int, x, drawn: int) -> dict | None:
@@ -408,6 +432,8 @@ class _Search:
             entry["stage"], entry["first_fitness"] = result["stage"], result["first_fitness"]
         self.rd.append(entry)
         self.history.append(entry)
+        if self.tracker is not None:
+            self.tracker.candidate(entry)
         self.bar.update(1)
         return entry
 
@@ -442,15 +468,22 @@ class _Search:
                 print(f"Pareto front on the search tasks ({len(front)}; export one with `evomerge export {rd.path} --pick EVAL`):")
                 print(front_table(front, self.cfg))
         if self.cfg.test:
-            order, results = score_table(self.pool, self.cfg, self.space.decode(np.array(best["genome"])))
+            # the search split too: the report sets each source's fitness beside the best found's
+            order, by_split = score_table(self.pool, self.cfg, self.space.decode(np.array(best["genome"])), ("test", "search"))
+            results = by_split["test"]
             table = format_table(self.cfg, order, results)
             atomic_write_text(rd.results, f"# {rd.path.name}: test split\n\n{table}\n\n{summary}\n")
             atomic_write_text(rd.path / "results.json", json.dumps(
-                {"rows": results, "utilization": utilization, "best_eval_id": best["eval_id"]}, indent=1))
+                {"rows": results, "search_rows": by_split["search"], "utilization": utilization,
+                 "best_eval_id": best["eval_id"]}, indent=1))
             rd.log("test-split table written to results.md")
             if self.progress:
                 print(table)
+        if self.tracker is not None:
+            self.tracker.finish(best, len(self.history), table if self.cfg.test else None)
 
     def close(self) -> None:
         self.bar.close()
+        if self.tracker is not None:
+            self.tracker.close()
         self.pool.close()

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from ..errors import UserError
+from ..fitness.function import FUNCTION_METRIC, FUNCTION_TASK
 from ..io.lora import split_ref
 from ..recipe import COMPUTE_DTYPES, DTYPES, MERGE_SOURCE, Calibration, TokenizerSection
 from ..yaml_files import read_yaml, validate
@@ -87,6 +88,9 @@ class TermConfig(_Frozen):
     weight: float = 1.0
 
 
+FUNCTION_TERM = TermConfig(task=FUNCTION_TASK, metric=FUNCTION_METRIC)
+
+
 class RacingConfig(_Frozen):
     """Score each candidate on the first ``first`` documents of every task's subset; score the
     rest only when it may still beat the ``keep``-th best fully scored candidate of earlier
@@ -113,7 +117,15 @@ class RacingConfig(_Frozen):
 
 
 class FitnessConfig(_Frozen):
-    tasks: list[TermConfig]
+    """How candidates are scored: lm-eval ``tasks``, or a ``function`` (fitness/function.py).
+
+    With a function, ``tasks`` reads as its one term (function/fitness, the key of its value in
+    the history's scores), so everything that reads the terms (the front, the report) works as for a task."""
+
+    tasks: list[TermConfig] = []
+    # "package.module:name", called on each worker as fn(model, tokenizer) -> float | dict
+    function: Optional[str] = None
+    by_value: bool = False  # the function was passed to evomerge.search(fitness=fn): resume needs it again
     limit: Optional[int] = None  # documents per task (default: all)
     limits: dict[str, int] = {}  # per task, overriding limit
     # which documents a limit keeps: a seeded random subset, the same for every candidate of a
@@ -125,12 +137,24 @@ class FitnessConfig(_Frozen):
     batch_size: int = 64
     task_path: Optional[str] = None  # directory of lm-eval task YAMLs; default: the shipped evomerge/tasks/
 
-    @field_validator("tasks")
-    @classmethod
-    def _nonempty(cls, v):
-        if not v:
-            raise ValueError("fitness needs at least one task")
-        return v
+    @model_validator(mode="after")
+    def _tasks_or_function(self):
+        if self.function is None:
+            if not self.tasks:
+                raise ValueError("fitness needs at least one task, or a function (package.module:name)")
+            if self.by_value:
+                raise ValueError("fitness.by_value goes with fitness.function")
+            return self
+        # a frozen config holds the function's own term: not a second source of fitness
+        if self.tasks and list(self.tasks) != [FUNCTION_TERM]:
+            raise ValueError("give fitness.tasks or fitness.function, not both")
+        if ":" not in self.function:
+            raise ValueError(f"fitness.function {self.function!r} must be an import path: package.module:name")
+        given = [k for k in ("limit", "limits", "racing") if getattr(self, k)]
+        if given:
+            raise ValueError(f"fitness.{given[0]} chooses documents of tasks; a fitness function has none")
+        object.__setattr__(self, "tasks", [FUNCTION_TERM])  # frozen: set once, while validating
+        return self
 
 
 class OptimizerConfig(_Frozen):

@@ -2,8 +2,9 @@
 
 Built once per worker: the resident sources, one preallocated candidate model
 (PS merges are written into its parameters in place), the tokenizer, and the
-fitness evaluator with its lm-eval tasks. A routed (DFS) candidate is the folded
-checkpoint export writes, built over the resident blocks (workers/routed.py).
+fitness evaluator with its lm-eval tasks (or the fitness function, imported here).
+A routed (DFS) candidate is the folded checkpoint export writes, built over the
+resident blocks (workers/routed.py).
 Everything runs in the compute dtype (float32 on a CPU), holding exactly the values
 `evomerge merge` writes in the output dtype.
 """
@@ -38,11 +39,12 @@ class CandidateWorker:
     is kept and reported by ``ping``, so the driver can say it in one line and close the pool
     (Ray hands a driver only the text of an exception raised while an actor starts)."""
 
-    def __init__(self, config: dict, device: str = "cpu", worker_id: int = 0):
+    def __init__(self, config: dict, device: str = "cpu", worker_id: int = 0, fitness_fn=None):
+        """``fitness_fn``: the callable given to evomerge.search(fitness=...), else None."""
         self.worker_id = worker_id
         self.startup_error: str | None = None
         try:
-            self._start(config, device)
+            self._start(config, device, fitness_fn)
         except UserError as e:
             self.startup_error = str(e)
         except Exception as e:  # noqa: BLE001 - reported by ping; the traceback goes to the worker's log
@@ -51,7 +53,7 @@ class CandidateWorker:
             traceback.print_exc()
             self.startup_error = f"worker {worker_id} could not load the models: {type(e).__name__}: {_first_line(e)}"
 
-    def _start(self, config: dict, device: str) -> None:
+    def _start(self, config: dict, device: str, fitness_fn) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..fitness.evaluator import evaluators_for
@@ -87,7 +89,7 @@ class CandidateWorker:
         self.candidate_tensors = self.candidate.state_dict()
         arch = self.sources[home].arch
         self.routed = RoutedBuilder(arch.layer_prefix, arch.layer_count_key, device, self.compute_dtype)
-        self.evaluators = evaluators_for(self.cfg, device)
+        self.evaluators = evaluators_for(self.cfg, device, function=fitness_fn)
 
     def ping(self) -> str | None:
         """None once the worker is ready, else why it could not start."""

@@ -55,10 +55,10 @@ class _Usage:
 class InProcessPool:
     size = 1
 
-    def __init__(self, config: dict, device: str = "cpu"):
+    def __init__(self, config: dict, device: str = "cpu", fitness_fn=None):
         from .candidate import CandidateWorker
 
-        self.worker = CandidateWorker(config, device, worker_id=0)
+        self.worker = CandidateWorker(config, device, worker_id=0, fitness_fn=fitness_fn)
         if self.worker.ping() is not None:
             raise UserError(self.worker.ping())
         self.queue: deque = deque()
@@ -90,7 +90,10 @@ def gpus_available(ray) -> float:
 
 
 class RayPool:
-    def __init__(self, config: dict, count: int, gpus_per_worker="auto", cpus_per_worker: float = 1, address: str | None = None):
+    def __init__(self, config: dict, count: int, gpus_per_worker="auto", cpus_per_worker: float = 1, address: str | None = None,
+                 fitness_fn=None):
+        """``fitness_fn``: a fitness callable sent to every actor (cloudpickle: by value when
+        defined in __main__ or inside a function, by reference when importable)."""
         import ray
 
         self.ray = ray
@@ -120,6 +123,7 @@ class RayPool:
 
         self.device = "cuda" if gpus > 0 else "cpu"
         self.config = config
+        self.fitness_fn = fitness_fn
         self.actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=0)(CandidateWorker)
         self.size = count
         self.next_id = 0
@@ -138,7 +142,7 @@ class RayPool:
         self.usage = _Usage()
 
     def _spawn(self):
-        actor = self.actor_cls.remote(self.config, self.device, self.next_id)
+        actor = self.actor_cls.remote(self.config, self.device, self.next_id, self.fitness_fn)
         self.next_id += 1
         return actor
 
@@ -191,7 +195,8 @@ class RayPool:
             self.ray.shutdown()
 
 
-def make_pool(config: dict, count: int, gpus_per_worker="auto", cpus_per_worker: float = 1, address: str | None = None):
+def make_pool(config: dict, count: int, gpus_per_worker="auto", cpus_per_worker: float = 1, address: str | None = None,
+              fitness_fn=None):
     if count == 0:
-        return InProcessPool(config, "cuda" if gpus_per_worker not in ("auto", 0, 0.0) else "cpu")
-    return RayPool(config, count, gpus_per_worker, cpus_per_worker, address)
+        return InProcessPool(config, "cuda" if gpus_per_worker not in ("auto", 0, 0.0) else "cpu", fitness_fn)
+    return RayPool(config, count, gpus_per_worker, cpus_per_worker, address, fitness_fn)

@@ -31,7 +31,7 @@ from evomerge.zoo.data import BASE_MIXTURE, SKILLS, specialist_mixture
 from evomerge.zoo.tokenizer import build_tokenizer
 from evomerge.zoo.train import ModelShape, Schedule, init_model, make_config, torch_threads, train
 
-ZOO_FORMAT = 2  # bump when the data or training code changes what a setting produces
+ZOO_FORMAT = 3  # bump when the data or training code changes what a setting produces
 MANIFEST = "zoo.json"
 DEFAULT_DIR = Path("runs/zoo")
 
@@ -47,28 +47,29 @@ class ZooSettings:
     skills: tuple[str, ...]
     checkpoint_skill: str
     checkpoint_steps: tuple[int, ...]
-    # Two threads make a default step ~1.3x faster than one on an idle 2-core machine (72 vs
-    # 95 ms); on a busy one they spin against each other, so use 1 there. Under PINNED_ENV the
-    # count does not change a bit of the result (measured: same weights after 40 default steps
-    # with 1 and 2 threads, same tiny zoo), so it is not part of what the zoo is.
-    # OMP_WAIT_POLICY=PASSIVE would stop the spinning but cost 57 % (115 ms a step) when idle.
+    # Two threads make a default step ~1.7x faster than one on an idle 2-core machine; on a
+    # busy one they spin against each other (OMP_WAIT_POLICY=PASSIVE would stop that but cost
+    # 57 % when idle). MKL's cross-vendor mode (PINNED_ENV) reproduces a result for a fixed
+    # thread count only (measured: the tiny zoo's bits differ between 1 and 2), so the count
+    # is part of what the zoo is; the reference families are built with 2.
     threads: int = 2
 
     def digest(self) -> str:
-        """Hash of what the zoo is; the thread count is left out (see above)."""
-        recipe = {k: v for k, v in asdict(self).items() if k != "threads"}
-        blob = json.dumps({"format": ZOO_FORMAT, **recipe}, sort_keys=True)
+        """Hash of what the zoo is (the thread count included: see above)."""
+        blob = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# The same zoo, bit for bit, on every x86-64 CPU with AVX2: torch's own kernels and MKL's
-# pinned to their AVX2 code paths (on an AVX-512 CPU, torch would otherwise pick AVX-512
-# kernels, whose sums round differently, and a family trained there is another family:
-# the toy results a README reports would hold on one machine only). Read once, when torch
-# and MKL load, so a build runs in a child process started with them.
+# The same zoo, bit for bit, on every x86-64 CPU with AVX2, Intel or AMD: torch's own kernels
+# pinned to their AVX2 code paths (an AVX-512 CPU would otherwise run AVX-512 kernels, whose
+# sums round differently), and MKL's matrix products to its COMPATIBLE branch, the one branch
+# MKL keeps on non-Intel CPUs (any other, AVX2 included, falls back to its automatic dispatch
+# there: how AMD EPYCs and an Intel Xeon trained two families under MKL_CBWR=AVX2,STRICT;
+# bench/RESULTS.md, fourth session). It costs ~1.7x per step (SSE2 matrix products). Read
+# once, when torch and MKL load, so a build runs in a child process started with them.
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "AVX2,STRICT",
+    "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
 
@@ -163,6 +164,7 @@ def build_zoo(
             manifest = _train_all(settings, tmp, progress)
         manifest["hash"] = digest
         manifest["cpu_capability"] = torch_capability()  # AVX2 when pinned, whatever the CPU
+        manifest["pinned_env"] = {k: os.environ[k] for k in PINNED_ENV if k in os.environ}
         manifest["weights_sha256"] = weights_digest(tmp, manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         swap_into_place(tmp, out)
@@ -186,10 +188,11 @@ def weights_digest(zoo: Path, manifest: dict) -> str:
     return h.hexdigest()
 
 
-# The default family that the README and docs/methods.md report (trained 2026-12-02, pinned,
-# on an AVX-512 Intel Xeon). The pin makes CPUs of one make agree (AVX-512 and AVX2 AMD EPYCs
-# trained 9677c870... bit for bit), not CPUs of two: see bench/RESULTS.md, fourth session.
-REFERENCE_WEIGHTS = {("default", 0): "1b909cd365566967d2be88cd8594263f93cde76281643c0675a774ec024b2c0c"}
+# The default family that the README and docs/methods.md report (trained 2026-12-02, pinned
+# with MKL's cross-vendor branch, 2 threads, on an AVX-512 Intel Xeon). Under the earlier pin
+# (MKL_CBWR=AVX2,STRICT) AMD EPYCs trained 9677c870... and an Intel Xeon 1b909cd3...: see
+# bench/RESULTS.md, fourth and fifth sessions.
+REFERENCE_WEIGHTS = {("default", 0): "2b4421e2c7378af8b00a8fdbc5e30f2b7ab18a89c17749794d3aa52e46489e2f"}
 
 
 def check_reference(zoo: Path) -> str | None:
