@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..errors import UserError
 from ..io import chat_template, vocab
@@ -108,7 +108,7 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, recipe_dir: Path | Non
             raise UserError(f"{read.source}: tensor {read.name} holds NaN or Inf; the source checkpoint is broken")
         return t
 
-    with atomic_dir(out_dir, force) as tmp, tqdm(total=p.nbytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
+    with atomic_dir(out_dir, force) as tmp, progress_bar(total=p.nbytes, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
         for fname, names in zip(files, groups):
             layout = [(n, by_name[n].dtype, by_name[n].shape) for n in names]
             with StreamingWriter(tmp / fname, layout, metadata={"format": "pt", "evomerge_recipe": recipe_yaml}) as w:

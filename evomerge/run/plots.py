@@ -67,10 +67,23 @@ def fitness_figure(history: Sequence[dict]):
                 label="best so far", gid="best")
     ax.set_xlabel("evaluation (eval id)")
     ax.set_ylabel("fitness")
-    ax.set_title(f"fitness of {len(scored)} candidates")
+    clipped = _clip_low(ax, [e["fitness"] for e in scored])
+    ax.set_title(f"fitness of {len(scored)} candidates" + (f" ({clipped} far below, off the bottom)" if clipped else ""))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _clip_low(ax, values: Sequence[float]) -> int:
+    """Start the y axis near the 5th percentile: a few early, broken candidates far below
+    would otherwise squash the range where the search improves. Returns how many fall off."""
+    vals = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    if len(vals) < 20:
+        return 0
+    low, high = np.percentile(vals, 5), vals.max()
+    pad = 0.05 * max(high - low, 1e-9)
+    ax.set_ylim(low - pad, high + pad)
+    return int((vals < low - pad).sum())
 
 
 def terms_figure(history: Sequence[dict], terms: Sequence[tuple[str, str]]):
@@ -79,9 +92,12 @@ def terms_figure(history: Sequence[dict], terms: Sequence[tuple[str, str]]):
     fig, ax = plt.subplots(figsize=(8, 3.6))
     line = best_so_far(history)
     xs = [i for i, _ in line]
+    every = []
     for task, metric in terms:
         ys = [(b.get("scores") or {}).get(task, {}).get(metric, np.nan) for _, b in line]
         ax.step(xs, ys, where="post", label=f"{task} {metric}", gid=f"term:{task}")
+        every += ys
+    _clip_low(ax, every)
     ax.set_xlabel("evaluation (eval id)")
     ax.set_ylabel("score of the best so far")
     ax.set_title("each fitness term, on the best candidate so far")
@@ -124,7 +140,7 @@ def heatmap_figure(space: SearchSpace, genome: Sequence[float], layer_counts: in
     params = list(dict.fromkeys(k[0] for k in arrays))
     parts = list(dict.fromkeys(k[1] for k in arrays))
     fig, axes = plt.subplots(len(params), len(parts), squeeze=False,
-                             figsize=(max(4.0, 1.0 + 0.55 * space.groups) * len(parts), 0.9 + 0.55 * len(sources) * len(params) + 0.6))
+                             figsize=(max(5.5, 1.0 + 0.55 * space.groups) * len(parts), 1.2 + 0.55 * len(sources) * len(params) + 0.6))
     span = max(1, -(-layer_counts // space.groups))  # layers per group
     bounds = {}
     for i, (name, model, _) in enumerate(space.ps_keys):
@@ -145,7 +161,9 @@ def heatmap_figure(space: SearchSpace, genome: Sequence[float], layer_counts: in
             ax.set_xlabel("layer" if span == 1 else "layers")
             ax.set_title(name if part == "all" else f"{name}: {part}", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    fig.suptitle("best recipe: per source and layer", fontsize=10)
+    # parameters shared by all sources (lambda, say): one value per layer group, as a line of text
+    shared = "; ".join(f"{k} by layer: {' '.join(f'{v:.2f}' for v in vals)}" for k, vals in global_values(space, genome).items())
+    fig.suptitle("best recipe: per source and layer" + (f"\n{shared}" if shared else ""), fontsize=9)
     fig.tight_layout()
     return fig
 

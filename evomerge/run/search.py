@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..errors import UserError
 from ..fitness.function import check_resume
@@ -286,7 +286,7 @@ class _Search:
         self.elapsed_before = (ckpt or {}).get("elapsed_s", 0.0)  # search time of earlier sessions
         self.started = time.monotonic()
         total = self.generations * o.popsize
-        self.bar = tqdm(total=total, initial=min(len(self.done), total), desc="search", unit="cand",
+        self.bar = progress_bar(total=total, initial=min(len(self.done), total), desc="search", unit="cand",
                         disable=not progress, dynamic_ncols=True)
         self.lookahead = o.lookahead or 0  # None in runs from before asking ahead: 0, as they ran
         if self.lookahead and not self.opt.supports_ahead:

@@ -65,8 +65,9 @@ class ZooSettings:
 # sums round differently), and MKL's matrix products to its COMPATIBLE branch, the one branch
 # MKL keeps on non-Intel CPUs (any other, AVX2 included, falls back to its automatic dispatch
 # there: how AMD EPYCs and an Intel Xeon trained two families under MKL_CBWR=AVX2,STRICT;
-# bench/RESULTS.md, fourth session). It costs ~1.7x per step (SSE2 matrix products). Read
-# once, when torch and MKL load, so a build runs in a child process started with them.
+# bench/RESULTS.md, fourth and fifth sessions). It costs ~2x per step (SSE2 matrix products;
+# `python bench/bench_zoo_pin.py`). Read once, when torch and MKL load, so a build runs in a
+# child process started with them.
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "COMPATIBLE",

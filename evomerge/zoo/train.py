@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from evomerge.progress import progress_bar
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.zoo.data import Component, sample_batch
@@ -123,7 +123,7 @@ def train(
     shape = lr_shape or lr_factor
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: shape(s, schedule))
     losses: list[float] = []
-    bar = tqdm(range(1, schedule.steps + 1), desc=desc, disable=not progress)
+    bar = progress_bar(range(1, schedule.steps + 1), desc=desc, disable=not progress)
     for step in bar:
         batch = encode(tokenizer, sample_batch(rng, mixture, schedule.batch_size))
         loss = model(**batch).loss
