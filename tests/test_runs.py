@@ -51,7 +51,7 @@ def _budget_to_finish(run: Path, popsize: int) -> int:
 
 
 def test_running_refuses_a_second_resume_crashed_after_kill_finished_after_resume(tiny_zoo, tmp_path):
-    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", optimizer={"popsize": 4, "max_evals": 400, "seed": 0})
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", optimizer={"popsize": 4, "max_evals": 100_000, "seed": 0})  # runs till killed: on an idle machine 400 evals of the tiny zoo take seconds
     root = tmp_path / "runs"
     run = root / "r"
     proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--run-dir", str(run), "--quiet"],

@@ -10,16 +10,21 @@ import yaml
 from ..errors import UserError
 from ..io.writer import atomic_write_text
 from ..recipe import Recipe
+from .racing import scored_in_full
 from .rundir import RunDir
 
 
+def best_of(history: list[dict]) -> dict | None:
+    """The best fully scored entry (a raced candidate stopped after its first stage has a
+    fitness on fewer documents: never the best); of equals, the earliest by eval id."""
+    return max(filter(scored_in_full, history), key=lambda e: (e["fitness"], -e["eval_id"]), default=None)
+
+
 def best_entry(rd: RunDir) -> dict:
-    # a raced candidate stopped after its first stage has a fitness on fewer documents: never the best
-    entries = [e for e in rd.read_history() if e.get("fitness") is not None and e.get("error") is None and e.get("stage") != "first"]
-    if not entries:
+    best = best_of(rd.read_history())
+    if best is None:
         raise UserError(f"{rd.path} has no scored candidate yet; let the search run (or resume it) first")
-    # the first of equals: the earliest candidate that reached the best fitness
-    return max(entries, key=lambda e: (e["fitness"], -e["eval_id"]))
+    return best
 
 
 def best_recipe(rd: RunDir, pick: int | None = None, weights: list[float] | None = None) -> tuple[Recipe, dict]:

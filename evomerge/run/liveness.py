@@ -23,6 +23,7 @@ from typing import Iterator
 
 from ..errors import UserError
 from ..io.writer import atomic_write_text
+from .rundir import RunDir
 
 LOCK = "run.lock"
 HEARTBEAT = "heartbeat.json"
@@ -141,7 +142,8 @@ def _read_json(path: Path) -> dict | None:
 
 def _last_session(path: Path) -> str:
     """search.log from the last `resumed` on: an earlier session's end says nothing of this one's."""
-    log = (path / "search.log").read_text(encoding="utf-8") if (path / "search.log").is_file() else ""
+    log_file = RunDir(path).log_file
+    log = log_file.read_text(encoding="utf-8") if log_file.is_file() else ""
     return log[log.rfind(" resumed\n") + 1:]
 
 
@@ -156,7 +158,7 @@ def _ended(path: Path, session: str) -> bool:
 def _has_test_split(path: Path) -> bool:
     import yaml
 
-    config = path / "config.yaml"
+    config = RunDir(path).config  # read raw: a state needs no validated config
     return config.is_file() and bool((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("test"))
 
 
@@ -194,7 +196,7 @@ class _Heartbeat:
 
     def _count(self) -> int:
         """Lines of history.jsonl, read on from the last beat's place: a long run's history is large."""
-        history = self.path / "history.jsonl"
+        history = RunDir(self.path).history
         if not history.is_file():
             return 0
         if history.stat().st_size < self.counted_to:  # replaced from outside: count afresh

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..space.codec import SearchSpace
+from .racing import scored_in_full
 
 
 def _plt():
@@ -22,17 +23,12 @@ def _plt():
     return plt
 
 
-def full(entry: dict) -> bool:
-    """Scored on every document: a raced candidate stopped after its first stage is not."""
-    return entry.get("fitness") is not None and entry.get("error") is None and entry.get("stage") != "first"
-
-
 def best_so_far(history: Sequence[dict]) -> list[tuple[int, dict]]:
     """(eval id, the best fully scored entry up to it), in eval-id order: the order a run's
     candidates were asked in, which is not the order they finished in with several workers."""
     out, best = [], None
     for e in sorted(history, key=lambda e: e["eval_id"]):
-        if full(e) and (best is None or e["fitness"] > best["fitness"]):
+        if scored_in_full(e) and (best is None or e["fitness"] > best["fitness"]):
             best = e
         if best is not None:
             out.append((e["eval_id"], best))
@@ -44,7 +40,7 @@ def fitness_figure(history: Sequence[dict]):
     on the floor, and the best so far by eval id."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    scored = [e for e in history if full(e)]
+    scored = [e for e in history if scored_in_full(e)]
     raced = [e for e in history if e.get("stage") == "first" and e.get("fitness") is not None]
     failed = [e for e in history if e.get("error") is not None]
     gens = [e["generation"] for e in scored]

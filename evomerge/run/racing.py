@@ -29,6 +29,11 @@ def is_full(entry: dict) -> bool:
     return entry.get("stage") != "first"
 
 
+def scored_in_full(entry: dict) -> bool:
+    """Scored, without error, on every document: what may be the best, the cache or a plot's best."""
+    return entry.get("fitness") is not None and entry.get("error") is None and is_full(entry)
+
+
 def race_for(history: list[dict], generation: int, racing: RacingConfig) -> dict:
     """The ``race`` a worker gets for every candidate of ``generation``: {"threshold", "margin"}."""
     done = [e for e in history if e["generation"] < generation and e.get("fitness") is not None and e.get("error") is None]

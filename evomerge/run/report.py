@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io.writer import atomic_write_text
+from .export import best_of
 from .rundir import RunDir
 
 
@@ -39,13 +40,11 @@ def generation_table(history: list[dict]) -> list[str]:
     return lines
 
 
-def run_facts(rd: RunDir, cfg, history: list[dict]) -> dict[str, str]:
+def run_facts(rd: RunDir, cfg, history: list[dict], results: dict | None) -> dict[str, str]:
     """The numbers a person asks first: how far, how long, how well the workers were used."""
     log = rd.log_file.read_text(encoding="utf-8").splitlines() if rd.log_file.is_file() else []
     stamps = [_stamp(line) for line in log]
     stamps = [s for s in stamps if s is not None]
-    results = _results(rd)
-    scored = [e for e in history if e.get("fitness") is not None and e.get("error") is None]
     facts = {
         "optimizer": f"{cfg.optimizer.backend}, popsize {cfg.optimizer.popsize}, seed {cfg.optimizer.seed}",
         "evaluations": f"{len(history)} of {cfg.optimizer.max_evals}",
@@ -61,12 +60,9 @@ def run_facts(rd: RunDir, cfg, history: list[dict]) -> dict[str, str]:
         facts["wall time (log)"] = f"{(stamps[-1] - stamps[0]).total_seconds():.0f} s, {stamps[0]:%Y-%m-%d %H:%M} to {stamps[-1]:%H:%M}"
     if results and results.get("utilization") is not None:
         facts["worker utilization"] = f"{results['utilization']:.1%}"
-    if scored:
-        from .plots import full
-
-        best = max((e for e in history if full(e)), key=lambda e: (e["fitness"], -e["eval_id"]), default=None)
-        if best is not None:
-            facts["best"] = f"fitness {best['fitness']:.4f} at eval {best['eval_id']} (generation {best['generation']})"
+    best = best_of(history)
+    if best is not None:
+        facts["best"] = f"fitness {best['fitness']:.4f} at eval {best['eval_id']} (generation {best['generation']})"
     return facts
 
 
@@ -117,10 +113,11 @@ def summarize(run_dir: str, plot: bool = True) -> str:
         raise UserError(f"{rd.path} has no evaluated candidates yet")
     lines = [f"run {rd.path} — {cfg.optimizer.backend}, popsize {cfg.optimizer.popsize}, {len(history)} candidates",
              *generation_table(history)]
-    facts = run_facts(rd, cfg, history)
+    results = _results(rd)
+    facts = run_facts(rd, cfg, history, results)
     lines.append("")
     lines += [f"{k}: {v}" for k, v in facts.items()]
-    head, rows = comparison_rows(cfg, _results(rd))
+    head, rows = comparison_rows(cfg, results)
     if rows:
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -139,7 +136,7 @@ def figures(rd: RunDir, cfg, history: list[dict]) -> dict[str, object]:
     terms = [(t.task, t.metric) for t in cfg.fitness.tasks]
     if terms and plots.best_so_far(history):
         figs["terms"] = plots.terms_figure(history, terms)
-    best = max((e for e in history if plots.full(e)), key=lambda e: (e["fitness"], -e["eval_id"]), default=None)
+    best = best_of(history)
     if best is not None:
         from .search import build_space
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ..progress import progress_bar
 
 from ..errors import UserError
 from ..fitness.function import check_resume
@@ -25,6 +24,7 @@ from ..io.model_dir import open_model
 from ..merge.kernels import get_kernel
 from ..io.writer import atomic_write_text
 from ..optim.registry import make_optimizer
+from ..progress import progress_bar
 from ..recipe import MERGE_SOURCE
 from ..space.codec import SearchSpace
 from ..space.config import SearchConfig, load_search_config
@@ -32,7 +32,7 @@ from ..workers.pool import make_pool
 from .final import format_table, score_table
 from .front import front_json, front_table, objectives, pareto_front
 from .liveness import hold
-from .racing import is_full, race_for
+from .racing import race_for, scored_in_full
 from .rundir import RunDir
 from .tracking import Tracker, summary_writer
 
@@ -279,7 +279,7 @@ class _Search:
         history = rd.read_history()
         self.history = history  # every entry so far, this session's appended as they come
         self.done = {e["eval_id"]: e for e in history}  # scored before a crash, by candidate id
-        full = [e for e in history if e.get("error") is None and e.get("fitness") is not None and is_full(e)]
+        full = [e for e in history if scored_in_full(e)]
         self.cache = {e["recipe_hash"]: e for e in full}
         self.best = max(full, key=lambda e: e["fitness"], default=None)
         self.generations = math.ceil(o.max_evals / o.popsize)
@@ -391,7 +391,7 @@ class _Search:
         return recorded
 
     def _improve_if_full(self, entry: dict) -> None:
-        if entry["error"] is None and entry["fitness"] is not None and is_full(entry):
+        if scored_in_full(entry):
             self._improve(entry)
 
     def drain(self) -> None:
