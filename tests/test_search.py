@@ -135,6 +135,20 @@ def test_resume_after_kill_equals_uninterrupted(tiny_zoo, tmp_path):
         assert a[i]["fitness"] == pytest.approx(b[i]["fitness"], abs=1e-9)
 
 
+@pytest.mark.parametrize("workers,popsize,backend,want", [
+    (0, 16, "cma", 0), (1, 16, "cma", 0),  # no other worker to keep busy
+    (2, 16, "cma", 1), (4, 16, "cma", 4), (8, 16, "cma", 10),  # W - 1 + (W - 1) // 2
+    (8, 8, "cma", 6), (16, 16, "cma", 12),  # at most three quarters of the population
+    (8, 16, "random", 10), (8, 16, "optuna-nsga2", 0),  # a backend that cannot draw ahead
+])
+def test_auto_lookahead(tiny_zoo, tmp_path, workers, popsize, backend, want):
+    from evomerge.run.search import with_lookahead
+
+    cfg = load_search_config(str(search_config(tiny_zoo, tmp_path / "c.yaml", workers={"count": workers},
+                                               optimizer={"popsize": popsize, "max_evals": 32, "backend": backend})))
+    assert with_lookahead(cfg).optimizer.lookahead == want
+
+
 def test_asking_ahead_on_ray_workers_resumes_after_kill_to_the_same_history(tiny_zoo, tmp_path):
     """Two Ray workers: each generation's first candidate is drawn ahead (lookahead auto = 1)
     and scored while the generation before it finishes. Killed inside generations, resumed,

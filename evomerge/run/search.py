@@ -59,10 +59,13 @@ def apply_overrides(cfg: SearchConfig, o: Overrides) -> SearchConfig:
 
 def with_lookahead(cfg: SearchConfig) -> SearchConfig:
     """The config with its lookahead settled, frozen into the run (a resume with other workers
-    keeps it, so the trajectory does not depend on them). auto: one fewer than the workers, so
-    none idles while a generation's last candidate runs, at most half the population (the
-    rest is drawn from the distribution told the last generation); 0 without Ray workers, or
-    for a backend that cannot draw ahead."""
+    keeps it, so the trajectory does not depend on them). auto: one and a half times as many
+    as the other workers (W - 1 + (W - 1) // 2), so none idles while a generation's last
+    candidate runs: with evaluation times that vary, a worker finishes its first candidate
+    drawn ahead before the slowest of the generation ends, and W - 1 alone left 2 % of the
+    workers' time idle at generation ends (bench/RESULTS.md, sixth session); at most three
+    quarters of the population (the rest is drawn from the distribution told the last
+    generation); 0 without Ray workers, or for a backend that cannot draw ahead."""
     o, count = cfg.optimizer, cfg.workers.count
     if o.lookahead is not None:
         if o.lookahead >= o.popsize:
@@ -71,7 +74,8 @@ def with_lookahead(cfg: SearchConfig) -> SearchConfig:
     from ..optim.registry import OPTIMIZERS
 
     backend = OPTIMIZERS.get(o.backend)
-    auto = min(count - 1, o.popsize // 2) if count >= 2 and backend is not None and backend.supports_ahead else 0
+    others, cap = count - 1, o.popsize - math.ceil(o.popsize / 4)
+    auto = min(others + others // 2, cap) if count >= 2 and backend is not None and backend.supports_ahead else 0
     return cfg.model_copy(update={"optimizer": o.model_copy(update={"lookahead": auto})})
 
 

@@ -85,6 +85,13 @@ def _preset(zoo_preset: str, ingredients, swa_steps: int, swa_every: int, pair: 
     )
 
 
+# The pair trains with AdamW weight decay (0.1): without it most of each weight matrix is its
+# random initialization, which no gradient ever asked for and which differs between the two
+# seeds, so comparing weights (Re-Basin's weight matching) matched noise and left 77 % of the
+# midpoint barrier; with it the weights are the features the data made, and weight matching
+# with rotations left 43 % (bench/RESULTS.md, sixth session).
+PAIR_WEIGHT_DECAY = 0.1
+
 # Ingredients differ in learning rate, data share and data order from the zoo's own mir
 # specialist (lr 0.1, share 0.5): a good soup keeps the good ones, a greedy soup drops the
 # harmful (too high a rate, too little replay).
@@ -94,13 +101,13 @@ PRESETS = {
         (Ingredient("mir_lr0.05", 0.05, 0.5, 11), Ingredient("mir_lr0.2", 0.2, 0.5, 12),
          Ingredient("mir_share0.9", 0.1, 0.9, 13)),
         swa_steps=800, swa_every=100,
-        pair=Schedule(steps=1500, lr=3e-3, warmup=100, batch_size=64),
+        pair=Schedule(steps=1500, lr=3e-3, warmup=100, batch_size=64, weight_decay=PAIR_WEIGHT_DECAY),
     ),
     "tiny": _preset(
         "tiny",
         (Ingredient("mir_lr0.05", 0.05, 0.5, 11), Ingredient("mir_lr0.2", 0.2, 0.5, 12)),
         swa_steps=40, swa_every=10,
-        pair=Schedule(steps=60, lr=1e-2, warmup=10, batch_size=32),
+        pair=Schedule(steps=60, lr=1e-2, warmup=10, batch_size=32, weight_decay=PAIR_WEIGHT_DECAY),
     ),
 }
 
