@@ -77,7 +77,7 @@ def summary(result: dict) -> dict:
         "source_mean_max": max(mean[n] for n in ["base", *skills]),
         "uniform": mean["uniform"], "best_hand": mean[best_hand], "best_hand_name": best_hand,
     }
-    out["holds"] = (own >= 0.90 and min(min(rows[s][t] for t in skills if t != s) for s in skills) <= 0.50
+    out["holds"] = (own >= 0.90 and other <= 0.50
                     and out["source_mean_max"] <= 0.60 and out["best_hand"] >= 0.85 and out["uniform"] < 0.50)
     return out
 

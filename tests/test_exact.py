@@ -311,3 +311,35 @@ def test_a_search_over_added_tokens_runs_and_needs_a_tokenizer_section(tiny_zoo,
     assert cli(["search", str(cfg), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
     assert cli(["export", str(tmp_path / "run"), "--out", str(tmp_path / "best.yaml")]) == 0
     assert "tokenizer:" in (tmp_path / "best.yaml").read_text()
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_sorted_magnitudes_give_the_tensors_export_writes(real_zoo, tmp_path, method):
+    """A worker sorts each ranked |source - base| once and reads every later candidate's
+    thresholds off it: each candidate still has exactly the tensors `evomerge merge` writes,
+    with the copies for all tensors, for some (a budget that holds a few) or for none."""
+    from evomerge.run.search import build_space
+    from evomerge.space.config import load_search_config
+    from evomerge.workers.magnitudes import SortedMagnitudes
+
+    cfg = search_config(real_zoo, tmp_path / "c.yaml", ps={"method": method, "layer_granularity": 1,
+                                                         "tune": {"weight": [0.2, 1.0], "density": [0.1, 0.9]}})
+    space = build_space(load_search_config(cfg))
+    worker = CandidateWorker(load_search_config(cfg).model_dump(mode="json"))
+    rng = np.random.default_rng(0)
+    recipes = [space.decode(rng.random(space.dim)) for _ in range(2)]
+    written = []
+    for k, recipe in enumerate(recipes):
+        merge_to_disk(recipe, tmp_path / f"out{k}", progress=False)
+        written.append(load_file(tmp_path / f"out{k}" / "model.safetensors"))
+    one_tensor = max(t.numel() for t in worker.candidate_tensors.values()) * 4
+    for budget in (worker.magnitudes.budget, 3 * one_tensor, 0):
+        worker.magnitudes = SortedMagnitudes(budget)
+        for k, recipe in enumerate(recipes):
+            state = worker.materialize(recipe).state_dict()
+            for name, t in written[k].items():
+                assert torch.equal(state[name], t.to(state[name].dtype)), (budget, k, name)
+            if k == 0:
+                filled = worker.magnitudes.used
+        assert worker.magnitudes.used == filled <= budget  # the second candidate sorted nothing new
+        assert (filled > 0) == (budget > 0)

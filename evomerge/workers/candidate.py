@@ -11,6 +11,7 @@ Everything runs in the compute dtype (float32 on a CPU), holding exactly the val
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -26,10 +27,11 @@ from ..fitness.racing import combine_stages  # noqa: E402
 from ..io import vocab  # noqa: E402
 from ..fitness.terms import Result, combine  # noqa: E402
 from ..merge.kernels import get_kernel  # noqa: E402
-from ..merge.materialize import compute, plan  # noqa: E402
+from ..merge.materialize import compute, load, plan  # noqa: E402
 from ..merge.prepare import stats_sources  # noqa: E402
 from ..recipe import MERGE_SOURCE, Recipe, parse_recipe  # noqa: E402
 from ..space.config import SearchConfig  # noqa: E402
+from .magnitudes import SortedMagnitudes  # noqa: E402
 from .resident import ResidentLora, ResidentModel  # noqa: E402
 from .routed import RoutedBuilder  # noqa: E402
 
@@ -90,6 +92,10 @@ class CandidateWorker:
         arch = self.sources[home].arch
         self.routed = RoutedBuilder(arch.layer_prefix, arch.layer_count_key, device, self.compute_dtype)
         self.evaluators = evaluators_for(self.cfg, device, function=fitness_fn)
+        # measured last, with the sources and the candidate in memory; a GPU worker has its
+        # device to itself, CPU workers share the machine
+        sharing = 1 if device.startswith("cuda") else self.cfg.workers.count
+        self.magnitudes = SortedMagnitudes.for_worker(device, sharing)
 
     def ping(self) -> str | None:
         """None once the worker is ready, else why it could not start."""
@@ -102,6 +108,7 @@ class CandidateWorker:
             dst = self.candidate_tensors.get(out.name)
             if dst is None or tuple(dst.shape) != out.shape:
                 raise UserError(f"the search's candidate has no tensor {out.name} of shape {list(out.shape)}; PS search spaces keep the base's layout")
+            out = dataclasses.replace(out, expr=self.magnitudes.attach(out.expr, self._load))
             dst.copy_(compute(out, self._get, self.device))
         if recipe.routing is None:
             return self.candidate
@@ -114,6 +121,9 @@ class CandidateWorker:
         if read.source == MERGE_SOURCE:
             return self.candidate_tensors[read.name]
         return self.sources[read.source].get(read.name)
+
+    def _load(self, read) -> torch.Tensor:
+        return load(read, self._get, self.device)
 
     def _stored_dtype(self, read) -> torch.dtype:
         return self.sources[read.source].dtype(read.name)
