@@ -31,7 +31,8 @@ class SortedMagnitudes:
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
         self.used = 0
-        self._sorted: dict[tuple[Read, Read], torch.Tensor] = {}
+        # None: over the budget, selected per candidate (and never loaded again to find out)
+        self._sorted: dict[tuple[Read, Read], torch.Tensor | None] = {}
 
     @classmethod
     def for_worker(cls, device: str, workers_sharing: int) -> SortedMagnitudes:
@@ -55,10 +56,9 @@ class SortedMagnitudes:
         if key not in self._sorted:
             x = load(read)
             size = x.numel() * 4
-            if self.used + size > self.budget:
-                return None
-            self._sorted[key] = sparsify.sorted_abs_delta(x, load(base))
-            self.used += size
+            fits = self.used + size <= self.budget
+            self._sorted[key] = sparsify.sorted_abs_delta(x, load(base)) if fits else None
+            self.used += size if fits else 0
         return self._sorted[key]
 
 
