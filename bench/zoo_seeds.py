@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--root", type=Path, default=REPO / "runs" / "zoo_seeds")
     ap.add_argument("--jobs", type=int, default=1, help="builds at a time (timings are per build)")
-    ap.add_argument("--threads", type=int, default=None, help="per build (default: the zoo's 2; part of what the zoo is, so another count is another family)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per build (default 2; the weights do not depend on it)")
     args = ap.parse_args()
     took = build(args.seeds, args.root, args.jobs, args.threads)
     print("| seed | specialist own (min) | specialist other (max) | best source mean | uniform | best hand merge | holds | build |")

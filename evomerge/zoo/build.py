@@ -28,10 +28,11 @@ from transformers.utils import logging as hf_logging
 
 from evomerge.errors import UserError, nearest
 from evomerge.zoo.data import BASE_MIXTURE, SKILLS, specialist_mixture
+from evomerge.zoo.mkl_branch import active_branch, compiler, cpu_vendor, vendor_shim
 from evomerge.zoo.tokenizer import build_tokenizer
 from evomerge.zoo.train import ModelShape, Schedule, init_model, make_config, torch_threads, train
 
-ZOO_FORMAT = 3  # bump when the data or training code changes what a setting produces
+ZOO_FORMAT = 4  # bump when the data or training code changes what a setting produces
 MANIFEST = "zoo.json"
 DEFAULT_DIR = Path("runs/zoo")
 
@@ -47,32 +48,27 @@ class ZooSettings:
     skills: tuple[str, ...]
     checkpoint_skill: str
     checkpoint_steps: tuple[int, ...]
-    # Two threads make a default step ~1.7x faster than one on an idle 2-core machine; on a
-    # busy one they spin against each other (OMP_WAIT_POLICY=PASSIVE would stop that but cost
-    # 57 % when idle). MKL's cross-vendor mode (PINNED_ENV) reproduces a result for a fixed
-    # thread count only (measured: the tiny zoo's bits differ between 1 and 2), so the count
-    # is part of what the zoo is; the reference families are built with 2.
-    threads: int = 2
 
     def digest(self) -> str:
-        """Hash of what the zoo is (the thread count included: see above)."""
+        """Hash of what the zoo is (not the thread count: the pinned build's bits do not depend on it)."""
         blob = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# The same zoo, bit for bit, on every x86-64 CPU with AVX2, Intel or AMD: torch's own kernels
-# pinned to their AVX2 code paths (an AVX-512 CPU would otherwise run AVX-512 kernels, whose
-# sums round differently), and MKL's matrix products to its COMPATIBLE branch, the one branch
-# MKL keeps on non-Intel CPUs (any other, AVX2 included, falls back to its automatic dispatch
-# there: how AMD EPYCs and an Intel Xeon trained two families under MKL_CBWR=AVX2,STRICT;
-# bench/RESULTS.md, fourth and fifth sessions). It costs ~2x per step (SSE2 matrix products;
-# `python bench/bench_zoo_pin.py`). Read once, when torch and MKL load, so a build runs in a
-# child process started with them.
+# The same zoo, bit for bit, on every x86-64 CPU with AVX2, Intel or AMD, for any thread count:
+# torch's own kernels pinned to their AVX2 code paths (an AVX-512 CPU would otherwise run
+# AVX-512 kernels, whose sums round differently) and MKL's matrix products to its AVX2 branch
+# in STRICT mode (bitwise the same for any thread count), which MKL keeps on another vendor's
+# CPU only with the vendor shim of mkl_branch.py (run_pinned preloads it). MKL's COMPATIBLE
+# branch, the earlier pin, rounded differently on an Intel Xeon and an AMD EPYC and cost 2x per
+# step (bench/RESULTS.md, ninth session). Read once, when torch and MKL load, so a build runs
+# in a child process started with them.
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "COMPATIBLE",
+    "MKL_CBWR": "AVX2,STRICT",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
+PINNED_MKL_BRANCH = "AVX2"  # what mkl_branch.active_branch() reports in a pinned child
 
 
 # The specialists fine-tune with SGD, not AdamW: AdamW moves every weight by about lr per
@@ -141,13 +137,14 @@ def build_zoo(
 ) -> Path:
     """Build (or find cached) the zoo under ``out_dir``; returns its path.
 
-    ``threads`` overrides the preset's torch thread count (e.g. 2 on an idle 2-core machine).
+    ``threads``: torch's thread count for training (default 2: ~1.7x faster than one on an
+    idle 2-core machine; on a busy one they spin against each other). Pinned, the weights do
+    not depend on it.
     """
     settings = zoo_settings(preset, seed)
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        settings = replace(settings, threads=threads)
+    threads = 2 if threads is None else threads
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
     digest = settings.digest()
     out = Path(out_dir)
     if _is_complete(out, read_manifest(out), digest):
@@ -155,17 +152,19 @@ def build_zoo(
     if out.exists() and any(out.iterdir()) and read_manifest(out) is None:
         raise UserError(f"{out} exists and is not a zoo (no {MANIFEST}); pass an empty or new directory")
     if not in_build_env():
-        return _build_in_child(out, seed, preset, settings.threads, progress)
+        return _build_in_child(out, seed, preset, threads, progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with torch_threads(settings.threads):
+        branch = check_mkl_branch()
+        with torch_threads(threads):
             manifest = _train_all(settings, tmp, progress)
         manifest["hash"] = digest
         manifest["cpu_capability"] = torch_capability()  # AVX2 when pinned, whatever the CPU
         manifest["pinned_env"] = {k: os.environ[k] for k in PINNED_ENV if k in os.environ}
+        manifest["mkl_branch"], manifest["threads"] = branch, threads
         manifest["weights_sha256"] = weights_digest(tmp, manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         swap_into_place(tmp, out)
@@ -189,11 +188,14 @@ def weights_digest(zoo: Path, manifest: dict) -> str:
     return h.hexdigest()
 
 
-# The default family that the README and docs/methods.md report (trained 2026-12-02, pinned
-# with MKL's cross-vendor branch, 2 threads, on an AVX-512 Intel Xeon). Under the earlier pin
-# (MKL_CBWR=AVX2,STRICT) AMD EPYCs trained 9677c870... and an Intel Xeon 1b909cd3...: see
-# bench/RESULTS.md, fourth and fifth sessions.
-REFERENCE_WEIGHTS = {("default", 0): "2b4421e2c7378af8b00a8fdbc5e30f2b7ab18a89c17749794d3aa52e46489e2f"}
+# The families trained under PINNED_ENV on an Intel Xeon (tiny 2026-12-02, default 2026-12-02)
+# and again, bit for bit, on an AMD EPYC with the vendor shim (2026-12-03; bench/RESULTS.md,
+# ninth session). The default one is what the README and docs/methods.md report. Under the
+# COMPATIBLE pin in between, an Intel Xeon trained 2b4421e2... and an AMD EPYC de10821c....
+REFERENCE_WEIGHTS = {
+    ("default", 0): "1b909cd365566967d2be88cd8594263f93cde76281643c0675a774ec024b2c0c",
+    ("tiny", 0): "b1a53efddcd9b34d7183da18321886fe2ac70003d3f0efe2aeb46392be88047a",
+}
 
 
 def check_reference(zoo: Path) -> str | None:
@@ -230,11 +232,17 @@ def _build_in_child(out: Path, seed: int, preset: str, threads: int, progress: b
 
 
 def run_pinned(module: str, args: list[str], threads: int, progress: bool, out: Path) -> Path:
-    """Run ``python -m module args`` in a child started with PINNED_ENV (see there); the
-    child's last stderr line becomes the error when it fails."""
+    """Run ``python -m module args`` in a child started with PINNED_ENV (see there; with the
+    MKL vendor shim on a non-Intel CPU); the child's last stderr line becomes the error when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if pinnable():
         env.update(PINNED_ENV)
+        if cpu_vendor() != "GenuineIntel":
+            from evomerge.zoo.smollm2 import cache_root
+
+            shim = vendor_shim(cache_root())
+            if shim is not None:
+                env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD")]))
     else:
         print("evomerge: warning: this CPU has no AVX2, so this zoo will not be bit-identical to other machines' "
               "(the README's toy results may not hold here)", file=sys.stderr)
@@ -245,6 +253,18 @@ def run_pinned(module: str, args: list[str], threads: int, progress: bool, out: 
         said = (done.stderr or "").strip().splitlines()
         raise UserError(f"zoo build failed: {said[-1] if said else f'exit code {done.returncode}'}")
     return out
+
+
+def check_mkl_branch() -> str:
+    """MKL's branch in this (pinned) child, with a warning before any training when it is not
+    the pinned one: the zoo will then be this machine's own family."""
+    branch = active_branch()
+    if os.environ.get(_UNPINNED) != "1" and branch != PINNED_MKL_BRANCH:
+        how = ("install a C compiler (cc), with which evomerge builds the shim that keeps MKL on it on "
+               f"{cpu_vendor() or 'this'} CPUs") if compiler() is None else "please report your CPU and torch version"
+        print(f"evomerge: warning: MKL runs its {branch} branch, not {PINNED_MKL_BRANCH}, so this zoo will not be "
+              f"bit-identical to other machines' (the README's toy results may not hold here); {how}", file=sys.stderr)
+    return branch
 
 
 def swap_into_place(tmp: Path, out: Path) -> None:
