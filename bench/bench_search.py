@@ -8,12 +8,12 @@ zoo, `evomerge zoo build DIR --seed N`, read in place of runs/zoo).
     python bench/bench_search.py cma-vs-random [--evals 60] [--seeds 0 1 2]
         runs the toy PS search with CMA-ES and with random search at the same budget and
         prints the best recipe's test-split mean for each seed and the medians.
-    python bench/bench_search.py subsets [--limit 64] [--racing 16] [--seeds 0 1 2]
+    python bench/bench_search.py subsets [--limit 64] [--racing 16] [--confirm 8] [--seeds 0 1 2]
         runs the toy PS search with its full fitness and with each task scored on a seeded
         random subset of --limit documents (and, with --racing N, that subset raced: N
         documents per task first), per optimizer seed: the best recipe's test mean for each,
         the medians, and the ratio of forward tokens (each candidate's documents' tokens,
-        summed over the candidates scored).
+        summed over the candidates scored; with --confirm N, the N finalists' whole splits too).
     python bench/bench_search.py utilization [--workers 8] [--delay 1.0] [--cv 0.3] [--popsize 16] [--evals 128] [--lookahead N]
         runs the toy PS search on --workers Ray workers whose every evaluation also waits a
         lognormal delay (mean --delay s, coefficient of variation --cv; drawn per recipe),
@@ -143,13 +143,16 @@ def fitness_tokens(config: Path) -> dict[str, tuple[int, int]]:
 
 
 def run_tokens(run_dir: Path, per: dict[str, tuple[int, int]]) -> tuple[int, int, int]:
-    """(candidates scored, raced off, forward tokens) of a run, from its history."""
+    """(candidates scored, raced off, forward tokens) of a run, from its history (and the
+    finalists fitness.confirm scored on every document)."""
     scored = [e for e in history(run_dir) if not e.get("cached") and e.get("error") is None]
+    confirmed = run_dir / "confirmed.json"
+    extra = len(json.loads(confirmed.read_text())["finalists"]) * per["confirm"][1] if confirmed.is_file() else 0
     if "search_first" not in per:
-        return len(scored), 0, len(scored) * per["search"][1]
+        return len(scored), 0, len(scored) * per["search"][1] + extra
     stopped = sum(1 for e in scored if e.get("stage") == "first")
     first, rest = per["search_first"][1], per["search_rest"][1]
-    return len(scored), stopped, len(scored) * first + (len(scored) - stopped) * rest
+    return len(scored), stopped, len(scored) * first + (len(scored) - stopped) * rest + extra
 
 
 def subsets(args) -> None:
@@ -157,10 +160,12 @@ def subsets(args) -> None:
 
     root = Path(tempfile.mkdtemp(prefix="evomerge_subsets_"))
     base = yaml.safe_load(Path(args.config).read_text())
-    variants = {"full": {}, f"random {args.limit}": {"limit": args.limit}}
+    sub = {"limit": args.limit, **({"confirm": args.confirm} if args.confirm else {})}
+    tag = f", confirm {args.confirm}" if args.confirm else ""
+    variants = {"full": {}, f"random {args.limit}{tag}": sub}
     if args.racing:
         racing = {"first": args.racing, "keep": max(2, base["optimizer"]["popsize"] // 4)}
-        variants[f"raced {args.racing}/{args.limit}"] = {"limit": args.limit, "racing": racing}
+        variants[f"raced {args.racing}/{args.limit}{tag}"] = {**sub, "racing": racing}
     rows = {name: [] for name in variants}
     for k, (name, fitness) in enumerate(variants.items()):
         cfg = variant(Path(args.config), root / f"variant{k}.yaml", args.zoo, fitness={**base["fitness"], **fitness})
@@ -266,6 +271,7 @@ def main() -> None:
     ap.add_argument("--lookahead", type=int, default=None, help="utilization: the asking-ahead run's lookahead (default: auto)")
     ap.add_argument("--limit", type=int, default=64, help="subsets: documents per task")
     ap.add_argument("--racing", type=int, default=0, help="subsets: also race the subset, this many documents per task first")
+    ap.add_argument("--confirm", type=int, default=0, help="subsets: fitness.confirm, this many finalists scored on every document")
     ap.add_argument("--config", default=str(REPO / "search_spaces" / "toy_ps.yaml"))
     ap.add_argument("--zoo", type=Path, default=None,
                     help="read the config's runs/zoo models from this zoo instead (another seed's, `evomerge zoo build DIR --seed N`)")

@@ -216,6 +216,7 @@ def test_killed_ray_actor_is_replaced_and_candidate_rerun(tiny_zoo, tmp_path):
     ({"optimizer": {"backend": "optuna-nsga2"}, "fitness": {"tasks": [{"task": "mir_search"}]}}, "two or more tasks"),
     ({"optimizer": {"patience": 0}}, "patience"),
     ({"fitness": {"tasks": [{"task": "mir_search"}], "limit": 5, "limits": {"sft_search": 3}}}, "limits name 'sft_search'"),
+    ({"fitness": {"tasks": [{"task": "mir_search"}], "confirm": 2}}, "needs fitness.limit"),
 ])
 def test_bad_search_input_refused(tiny_zoo, tmp_path, capsys, over, fragment):
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -346,3 +347,34 @@ def test_racing_stops_hopeless_candidates_and_scores_survivors_in_full(tiny_zoo,
     assert main(["search", str(raced), "--run-dir", str(part), "--max-evals", "12", "--quiet"]) == 0
     assert main(["resume", str(part), "--max-evals", "24", "--quiet"]) == 0
     assert [(e["genome"], e["stage"]) for e in history(part)] == [(e["genome"], e["stage"]) for e in h]
+
+
+def test_confirm_picks_the_best_on_every_document_among_the_subset_finalists(tiny_zoo, tmp_path, capsys):
+    """fitness.confirm: the top recipes by subset fitness are scored on whole splits, and the
+    best of them there is what export writes; a resumed finished run does not score them again."""
+    import evomerge
+    from evomerge.run.confirm import finalists
+
+    a, b = zoo_skills(tiny_zoo)[:2]
+    tasks = [{"task": f"{a}_search", "metric": "logprob"}, {"task": f"{b}_search", "metric": "logprob"}]
+    cfg = search_config(tiny_zoo, tmp_path / "c.yaml", fitness={"tasks": tasks, "limit": 4, "confirm": 3})
+    run = tmp_path / "run"
+    assert main(["search", str(cfg), "--run-dir", str(run), "--quiet"]) == 0
+    h = history(run)
+    confirmed = json.loads((run / "confirmed.json").read_text())["finalists"]
+    assert [c["eval_id"] for c in confirmed] == [e["eval_id"] for e in finalists(h, 3)]
+    assert len({c["recipe_hash"] for c in confirmed}) == 3
+    space = build_space(load_search_config(str(run / "config.yaml")))
+    spec = [f"{t['task']}:logprob" for t in tasks]
+    for c in confirmed:  # each finalist's whole-split fitness is its merged model's, on every document
+        entry = next(e for e in h if e["eval_id"] == c["eval_id"])
+        model = evomerge.merge(space.decode(np.array(entry["genome"])).to_dict(), tmp_path / f"m{c['eval_id']}")
+        assert evomerge.evaluate(model, spec).fitness == pytest.approx(c["fitness"], abs=1e-6)
+        assert c["subset_fitness"] == entry["fitness"]
+    top = max(confirmed, key=lambda c: (c["fitness"], -c["eval_id"]))
+    assert main(["export", str(run), "--out", str(tmp_path / "best.yaml")]) == 0
+    assert f"eval {top['eval_id']}," in (tmp_path / "best.yaml").read_text()
+    assert json.loads((run / "results.json").read_text())["best_eval_id"] == top["eval_id"]
+    before = (run / "confirmed.json").stat().st_mtime_ns
+    assert main(["resume", str(run), "--quiet"]) == 0
+    assert (run / "confirmed.json").stat().st_mtime_ns == before

@@ -226,7 +226,8 @@ class Evaluator:
 
 
 def evaluators_for(cfg, device: str = "cpu", test: bool = True, function=None) -> dict[str, Evaluator]:
-    """A search config's evaluators: "search" (its fitness, on its subsets) and "test" (whole splits).
+    """A search config's evaluators: "search" (its fitness, on its subsets), "test" (whole splits) and,
+    with fitness.confirm, "confirm" (the fitness on whole splits).
     ``function``: the callable given to evomerge.search(fitness=...), for a config whose
     fitness.function records it (fitness/function.py)."""
     fit = cfg.fitness
@@ -237,6 +238,8 @@ def evaluators_for(cfg, device: str = "cpu", test: bool = True, function=None) -
         first, rest = racing_samples(out["search"], fit.racing.first, fit.subset_seed)
         for name, samples in (("search_first", first), ("search_rest", rest)):
             out[name] = Evaluator(out["search"].terms, fit.task_path, None, fit.batch_size, device, samples=samples)
+    if fit.confirm:  # the same terms on every document (run/confirm.py)
+        out["confirm"] = Evaluator(out["search"].terms, fit.task_path, None, fit.batch_size, device)
     if cfg.test and test:
         out["test"] = Evaluator([FitnessTerm(t.task, t.metric, t.weight) for t in cfg.test], fit.task_path, None, fit.batch_size, device)
     return out

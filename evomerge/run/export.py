@@ -10,18 +10,24 @@ import yaml
 from ..errors import UserError
 from ..io.writer import atomic_write_text
 from ..recipe import Recipe
+from .confirm import confirmed_best
 from .racing import scored_in_full
 from .rundir import RunDir
 
 
-def best_of(history: list[dict]) -> dict | None:
+def best_of(history: list[dict], confirmed: list[dict] | None = None) -> dict | None:
     """The best fully scored entry (a raced candidate stopped after its first stage has a
-    fitness on fewer documents: never the best); of equals, the earliest by eval id."""
+    fitness on fewer documents: never the best); of equals, the earliest by eval id. With
+    ``confirmed`` (fitness.confirm's finalists, run/confirm.py), the best of them on every document."""
+    if confirmed:
+        best = confirmed_best(history, confirmed)
+        if best is not None:
+            return best
     return max(filter(scored_in_full, history), key=lambda e: (e["fitness"], -e["eval_id"]), default=None)
 
 
 def best_entry(rd: RunDir) -> dict:
-    best = best_of(rd.read_history())
+    best = best_of(rd.read_history(), rd.read_confirmed())
     if best is None:
         raise UserError(f"{rd.path} has no scored candidate yet; let the search run (or resume it) first")
     return best

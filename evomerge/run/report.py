@@ -60,7 +60,7 @@ def run_facts(rd: RunDir, cfg, history: list[dict], results: dict | None) -> dic
         facts["wall time (log)"] = f"{(stamps[-1] - stamps[0]).total_seconds():.0f} s, {stamps[0]:%Y-%m-%d %H:%M} to {stamps[-1]:%H:%M}"
     if results and results.get("utilization") is not None:
         facts["worker utilization"] = f"{results['utilization']:.1%}"
-    best = best_of(history)
+    best = best_of(history, rd.read_confirmed())
     if best is not None:
         facts["best"] = f"fitness {best['fitness']:.4f} at eval {best['eval_id']} (generation {best['generation']})"
     return facts
@@ -136,7 +136,7 @@ def figures(rd: RunDir, cfg, history: list[dict]) -> dict[str, object]:
     terms = [(t.task, t.metric) for t in cfg.fitness.tasks]
     if terms and plots.best_so_far(history):
         figs["terms"] = plots.terms_figure(history, terms)
-    best = best_of(history)
+    best = best_of(history, rd.read_confirmed())
     if best is not None:
         from .search import build_space
 

@@ -33,6 +33,7 @@ class RunDir:
         self.results = self.path / "results.md"
         self.front = self.path / "front.json"  # multi-objective runs: the Pareto front
         self.subsets = self.path / "subsets.json"  # the documents the fitness scores, per task
+        self.confirmed = self.path / "confirmed.json"  # fitness.confirm: the finalists on every document
 
     def exists(self) -> bool:
         return self.config.is_file()
@@ -87,6 +88,12 @@ class RunDir:
             with open(self.history, "r+b") as f:
                 f.truncate(good)
         return entries
+
+    def read_confirmed(self) -> list[dict] | None:
+        """fitness.confirm's finalists with their whole-split scores, once the search has scored them."""
+        if not self.confirmed.is_file():
+            return None
+        return json.loads(self.confirmed.read_text())["finalists"]
 
     # -- checkpoint ----------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:

@@ -32,6 +32,7 @@ from ..workers.pool import make_pool
 from .final import format_table, score_table
 from .front import front_json, front_table, objectives, pareto_front
 from .liveness import hold
+from .confirm import confirmed_best, finalists
 from .racing import race_for, scored_in_full
 from .rundir import RunDir
 from .tracking import Tracker, summary_writer
@@ -263,6 +264,7 @@ def run(rd: RunDir, ray_address: str | None = None, progress: bool = True, pool=
         while search.opt.generation < search.generations and not search.stop_early():
             search.generation()
         search.drain()
+        search.confirm()
         search.finish()
     finally:
         search.close()
@@ -405,6 +407,39 @@ class _Search:
             self.pool.next_outcome()
         self.waiting.clear()
 
+    def confirm(self) -> None:
+        """fitness.confirm N: the finalists scored on every document, the best of them there made
+        the run's best (run/confirm.py); skipped when confirmed.json already holds these finalists."""
+        n = self.cfg.fitness.confirm
+        if not n or self.best is None:
+            return
+        chosen = finalists(self.history, n)
+        done = self.rd.read_confirmed()
+        if done is None or [c["eval_id"] for c in done] != [e["eval_id"] for e in chosen]:
+            recipes = {e["eval_id"]: self.space.decode(np.array(e["genome"])).to_dict() for e in chosen}
+            for eval_id, recipe in recipes.items():
+                self.pool.submit(("confirm", eval_id, 1), recipe, "confirm")
+            got = {}
+            while self.pool.pending:
+                out = self.pool.next_outcome()
+                _, eval_id, attempt = out.tag
+                if out.result is None and out.retry and attempt < MAX_ATTEMPTS:
+                    self.pool.submit(("confirm", eval_id, attempt + 1), recipes[eval_id], "confirm")
+                    continue
+                got[eval_id] = out
+            done = [{"eval_id": e["eval_id"], "recipe_hash": e["recipe_hash"], "subset_fitness": e["fitness"],
+                     "fitness": (got[e["eval_id"]].result or {}).get("fitness"),
+                     "scores": (got[e["eval_id"]].result or {}).get("scores"), "error": got[e["eval_id"]].error}
+                    for e in chosen]
+            atomic_write_text(self.rd.confirmed, json.dumps({"count": n, "finalists": done}, indent=1) + "\n")
+        best = confirmed_best(self.history, done)
+        if best is None:
+            return
+        self.best = best
+        atomic_write_text(self.rd.best, self.space.decode(np.array(best["genome"])).to_yaml())
+        whole = next(c["fitness"] for c in done if c["eval_id"] == best["eval_id"])
+        self.rd.log(f"confirmed on every document: eval {best['eval_id']} best of {len(done)} finalists ({whole:.4f})")
+
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.started
 
@@ -460,7 +495,10 @@ class _Search:
         if self.best is None:
             raise UserError("every candidate failed; see the errors in history.jsonl")
         rd, best = self.rd, self.best
-        summary = (f"best fitness {best['fitness']:.4f} at eval {best['eval_id']}; "
+        confirmed = rd.read_confirmed() if self.cfg.fitness.confirm else None
+        whole = next((c["fitness"] for c in confirmed or [] if c["eval_id"] == best["eval_id"]), None)
+        on_all = "" if whole is None else f" ({whole:.4f} on every document, best of {len(confirmed)} finalists)"
+        summary = (f"best fitness {best['fitness']:.4f} at eval {best['eval_id']}{on_all}; "
                    f"worker utilization {utilization:.1%}; best recipe: {rd.best}")
         rd.log(summary)
         if self.progress:

@@ -134,8 +134,18 @@ class FitnessConfig(_Frozen):
     subset: Literal["random", "first"] = "random"
     subset_seed: int = 0
     racing: Optional[RacingConfig] = None
+    # at the end, the N best distinct recipes by their subset fitness are scored on every
+    # document of the tasks, and the best of them on those is the run's best (run/confirm.py)
+    confirm: Optional[int] = None
     batch_size: int = 64
     task_path: Optional[str] = None  # directory of lm-eval task YAMLs; default: the shipped evomerge/tasks/
+
+    @field_validator("confirm")
+    @classmethod
+    def _confirm(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"fitness.confirm {v} must be >= 1 candidate")
+        return v
 
     @model_validator(mode="after")
     def _tasks_or_function(self):
@@ -144,13 +154,16 @@ class FitnessConfig(_Frozen):
                 raise ValueError("fitness needs at least one task, or a function (package.module:name)")
             if self.by_value:
                 raise ValueError("fitness.by_value goes with fitness.function")
+            if self.confirm and self.limit is None and not self.limits:
+                raise ValueError("fitness.confirm rescores on every document what a subset chose; "
+                                 "it needs fitness.limit or fitness.limits")
             return self
         # a frozen config holds the function's own term: not a second source of fitness
         if self.tasks and list(self.tasks) != [FUNCTION_TERM]:
             raise ValueError("give fitness.tasks or fitness.function, not both")
         if ":" not in self.function:
             raise ValueError(f"fitness.function {self.function!r} must be an import path: package.module:name")
-        given = [k for k in ("limit", "limits", "racing") if getattr(self, k)]
+        given = [k for k in ("limit", "limits", "racing", "confirm") if getattr(self, k)]
         if given:
             raise ValueError(f"fitness.{given[0]} chooses documents of tasks; a fitness function has none")
         object.__setattr__(self, "tasks", [FUNCTION_TERM])  # frozen: set once, while validating

@@ -28,6 +28,7 @@ import numpy as np
 from evomerge.errors import UserError, nearest
 from evomerge.zoo.build import (
     PRESETS as ZOO_PRESETS,
+    check_mkl_branch,
     in_build_env,
     quiet_transformers,
     read_manifest,
@@ -137,11 +138,12 @@ def build_toolbox(out_dir: str | Path = DEFAULT_DIR, zoo_dir: str | Path = "runs
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         started = time.perf_counter()
+        branch = check_mkl_branch()
         with torch_threads(threads):
             losses = _train_all(settings, zoo, tmp, zoo_manifest, progress)
         manifest = {
             "settings": asdict(settings), "hash": digest, "zoo": str(zoo.resolve()), "zoo_hash": zoo_manifest["hash"],
-            "models": settings.model_dirs(), "final_loss": losses, "cpu_capability": torch_capability(),
+            "models": settings.model_dirs(), "final_loss": losses, "cpu_capability": torch_capability(), "mkl_branch": branch,
             "weights_sha256": _weights_digest(tmp, settings.model_dirs()), "build_s": round(time.perf_counter() - started, 1),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
