@@ -60,8 +60,8 @@ class ZooSettings:
 # AVX-512 kernels, whose sums round differently) and MKL's matrix products to its AVX2 branch
 # in STRICT mode (bitwise the same for any thread count), which MKL keeps on another vendor's
 # CPU only with the vendor shim of mkl_branch.py (run_pinned preloads it). MKL's COMPATIBLE
-# branch, the earlier pin, rounded differently on an Intel Xeon and an AMD EPYC and cost 2x per
-# step (bench/RESULTS.md, ninth session). Read once, when torch and MKL load, so a build runs
+# branch, the earlier pin, rounded differently on an Intel Xeon and an AMD EPYC and cost 2.8x
+# per step (`python bench/bench_zoo_pin.py`; bench/RESULTS.md, ninth session). Read once, when torch and MKL load, so a build runs
 # in a child process started with them.
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
