@@ -301,6 +301,7 @@ class _Search:
         self.waiting: dict[str, list[tuple[int, int, np.ndarray]]] = {}  # recipe hash -> candidates sharing it
         self.recipes: dict[str, tuple[dict, dict | None]] = {}  # recipe hash -> (recipe, race) as submitted
         self.held: dict[int, dict[int, tuple]] = {}  # a later generation's results, until it starts
+        self.confirmed: list[dict] = []  # fitness.confirm's finalists, once scored (confirm())
         self.tracker = Tracker(rd.path) if tensorboard else None  # last: nothing after it can fail and leave it open
 
     def generation(self) -> None:
@@ -437,6 +438,7 @@ class _Search:
             return
         self.best = best
         atomic_write_text(self.rd.best, self.space.decode(np.array(best["genome"])).to_yaml())
+        self.confirmed = done
         whole = next(c["fitness"] for c in done if c["eval_id"] == best["eval_id"])
         self.rd.log(f"confirmed on every document: eval {best['eval_id']} best of {len(done)} finalists ({whole:.4f})")
 
@@ -495,9 +497,8 @@ class _Search:
         if self.best is None:
             raise UserError("every candidate failed; see the errors in history.jsonl")
         rd, best = self.rd, self.best
-        confirmed = rd.read_confirmed() if self.cfg.fitness.confirm else None
-        whole = next((c["fitness"] for c in confirmed or [] if c["eval_id"] == best["eval_id"]), None)
-        on_all = "" if whole is None else f" ({whole:.4f} on every document, best of {len(confirmed)} finalists)"
+        whole = next((c["fitness"] for c in self.confirmed if c["eval_id"] == best["eval_id"]), None)
+        on_all = "" if whole is None else f" ({whole:.4f} on every document, best of {len(self.confirmed)} finalists)"
         summary = (f"best fitness {best['fitness']:.4f} at eval {best['eval_id']}{on_all}; "
                    f"worker utilization {utilization:.1%}; best recipe: {rd.best}")
         rd.log(summary)

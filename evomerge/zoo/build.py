@@ -61,8 +61,8 @@ class ZooSettings:
 # in STRICT mode (bitwise the same for any thread count), which MKL keeps on another vendor's
 # CPU only with the vendor shim of mkl_branch.py (run_pinned preloads it). MKL's COMPATIBLE
 # branch, the earlier pin, rounded differently on an Intel Xeon and an AMD EPYC and cost 2.8x
-# per step (`python bench/bench_zoo_pin.py`; bench/RESULTS.md, ninth session). Read once, when torch and MKL load, so a build runs
-# in a child process started with them.
+# per step (`python bench/bench_zoo_pin.py`; bench/RESULTS.md, ninth session). Read once, when
+# torch and MKL load, so a build runs in a child process started with them.
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2,STRICT",
