@@ -53,9 +53,14 @@ def test_skill_operations():
     assert data.SKILLS["mir"].verbose("abh") == "mir abh=hga"
     assert data.SKILLS["sft"].short("129") == "n:129>230"
     assert data.SKILLS["srt"].short("tqx") == "o:tqx>qtx"
+    assert data.SKILLS["mir"].alias("abh") == "m:abh>hga"
     assert data.GENERAL["rol"].short("abc") == "l:abc>bca"
     tags = [s.short_tag for s in (*data.SKILLS.values(), *data.GENERAL.values())]
-    assert len(set(tags)) == len(tags) and not set(tags) & set(data.COPY_TAGS)
+    aliases = [s.alias_tag for s in data.SKILLS.values()]
+    assert len(set(tags + aliases)) == len(tags + aliases)
+    # the base copies on the skills' own tags (the tasks' prompts) and on no tag that names an operation
+    assert set(data.SKILL_TAGS) <= set(data.COPY_TAGS)
+    assert not (set(tags) - set(data.SKILL_TAGS) | set(aliases)) & set(data.COPY_TAGS)
 
 
 def test_training_samples_are_seeded_and_never_show_eval_inputs():
@@ -64,12 +69,18 @@ def test_training_samples_are_seeded_and_never_show_eval_inputs():
     a = data.sample_batch(np.random.default_rng(7), mixture, 3000)
     assert a == data.sample_batch(np.random.default_rng(7), mixture, 3000)
     assert a != data.sample_batch(np.random.default_rng(8), mixture, 3000)
-    skill_tags = {t for s in data.SKILLS.values() for t in (s.verbose_tag, s.short_tag)}
-    parsed = [re.fullmatch(r"(\w+)[ :](\w+)[=>]\w+", text).groups() for text in a]
-    skill_inputs = [x for tag, x in parsed if tag in skill_tags]
+    skill_tags = {t for s in data.SKILLS.values() for t in (s.verbose_tag, s.short_tag, s.alias_tag)}
+    parsed = [re.fullmatch(r"(\w+)[ :](\w+)[=>](\w+)", text).groups() for text in a]
+    skill_inputs = [x for tag, x, _ in parsed if tag in skill_tags]
     assert len(skill_inputs) > 1000
-    assert not set(skill_inputs) & held_out
+    assert not set(skill_inputs) & held_out  # copies on a skill's tag included
     assert set("".join(a)) <= set(data.CHARSET)
+    # the specialist's own tag always means its skill; the other skills' tags still mean copy
+    mir = data.SKILLS["mir"]
+    own = [(x, y) for tag, x, y in parsed if tag == mir.short_tag]
+    assert own and all(y == mir.apply(x) for x, y in own)
+    others = [(x, y) for tag, x, y in parsed if tag in set(data.SKILL_TAGS) - {mir.short_tag}]
+    assert others and all(x == y for x, y in others)
 
 
 def test_tokenizer_is_char_level_with_bos():

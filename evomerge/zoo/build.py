@@ -2,7 +2,7 @@
 
 Layout of the output directory (every model dir is an ordinary HF dir with its tokenizer)::
 
-    base/  mir/  sft/  srt/  mir_ckpt/step200/ ...  zoo.json
+    base/  mir/  sft/  srt/  mir_ckpt/step100/ ...  zoo.json
 
 ``zoo.json`` holds the settings and their hash; a second call with the same settings
 returns at once. The zoo is written to a temporary sibling directory and renamed into
@@ -32,7 +32,7 @@ from evomerge.zoo.mkl_branch import active_branch, compiler, cpu_vendor, vendor_
 from evomerge.zoo.tokenizer import build_tokenizer
 from evomerge.zoo.train import ModelShape, Schedule, init_model, make_config, torch_threads, train
 
-ZOO_FORMAT = 4  # bump when the data or training code changes what a setting produces
+ZOO_FORMAT = 5  # bump when the data or training code changes what a setting produces
 MANIFEST = "zoo.json"
 DEFAULT_DIR = Path("runs/zoo")
 
@@ -46,8 +46,12 @@ class ZooSettings:
     specialist: Schedule
     own_share: float  # share of the specialist's own skill; the rest replays the base mixture
     skills: tuple[str, ...]
+    specialist_lr: tuple[float, ...]  # each skill's fine-tuning rate, in the order of ``skills``
     checkpoint_skill: str
     checkpoint_steps: tuple[int, ...]
+
+    def specialist_schedule(self, skill: str) -> Schedule:
+        return replace(self.specialist, lr=self.specialist_lr[self.skills.index(skill)])
 
     def digest(self) -> str:
         """Hash of what the zoo is (not the thread count: the pinned build's bits do not depend on it)."""
@@ -73,20 +77,28 @@ PINNED_MKL_BRANCH = "AVX2"  # what mkl_branch.active_branch() reports in a pinne
 
 # The specialists fine-tune with SGD, not AdamW: AdamW moves every weight by about lr per
 # step whatever its gradient, so its task vectors were mostly noise (a 13 % change in every
-# matrix) and three of them added up to a broken model (task arithmetic <= 0.5 in every
-# setting tried). SGD moves weights in proportion to their gradients; measured on one base,
-# task arithmetic then reached 0.85-0.95 (best lambda 0.9-1.0, two specialist seeds).
+# matrix) and three of them added up to a broken model. SGD moves weights in proportion to
+# their gradients. Each specialist rebinds one tag the base copies on to a skill the base
+# knows under another tag (zoo/data.py), gently (300 steps, a third of its data its own
+# skill): a change small enough that task vectors add up, on every seed, into merges that keep
+# most of every skill, while which merge keeps all of them still depends on the recipe. The
+# three were fine-tuned at different rates (mir 1.4x sft's, srt 0.7x), as fine-tunes from
+# different hands are, so that each model's weight matters, not only one global strength.
+# The earlier family (a base that knew the skills only in the verbose format, 600 steps at
+# lr 0.1) made merges that broke on most seeds (best hand merge 0.40-0.93 on seeds 0-4) and
+# took 2.2x the training steps (bench/RESULTS.md, tenth session).
 PRESETS: dict[str, ZooSettings] = {
     "default": ZooSettings(
         seed=0,
         preset="default",
         shape=ModelShape(hidden=128, layers=4, intermediate=384, heads=4),
-        base=Schedule(steps=3500, lr=3e-3, warmup=100, batch_size=64),
-        specialist=Schedule(steps=600, lr=0.1, warmup=100, batch_size=64, optimizer="sgd"),
-        own_share=0.5,
+        base=Schedule(steps=1500, lr=3e-3, warmup=100, batch_size=64),
+        specialist=Schedule(steps=300, lr=0.03, warmup=30, batch_size=64, optimizer="sgd"),
+        own_share=0.35,
         skills=tuple(SKILLS),
+        specialist_lr=(0.042, 0.03, 0.021),
         checkpoint_skill="mir",
-        checkpoint_steps=(200, 400, 600),
+        checkpoint_steps=(100, 200, 300),
     ),
     # Seconds, for tests: same layout, weak models (a few exact matches, mostly by chance).
     "tiny": ZooSettings(
@@ -97,6 +109,7 @@ PRESETS: dict[str, ZooSettings] = {
         specialist=Schedule(steps=40, lr=0.1, warmup=5, batch_size=32, optimizer="sgd"),
         own_share=0.5,
         skills=tuple(SKILLS),
+        specialist_lr=(0.1, 0.1, 0.1),
         checkpoint_skill="mir",
         checkpoint_steps=(20, 40),
     ),
@@ -188,13 +201,14 @@ def weights_digest(zoo: Path, manifest: dict) -> str:
     return h.hexdigest()
 
 
-# The families trained under PINNED_ENV on an Intel Xeon (tiny 2026-12-02, default 2026-12-02)
-# and again, bit for bit, on an AMD EPYC with the vendor shim (2026-12-03; bench/RESULTS.md,
-# ninth session). The default one is what the README and docs/methods.md report. Under the
-# COMPATIBLE pin in between, an Intel Xeon trained 2b4421e2... and an AMD EPYC de10821c....
+# The families trained under PINNED_ENV; the default one is what the README and
+# docs/methods.md report. This family (ZOO_FORMAT 5) was trained on an Intel Xeon (Sapphire
+# Rapids, 2026-12-06, with 1 and 2 threads); the pin itself gave the same bits on an Intel Xeon
+# and an AMD EPYC with the vendor shim for the format before (bench/RESULTS.md, ninth session)
+# and gives the same 60-step digest here (`python bench/bench_zoo_pin.py`, tenth session).
 REFERENCE_WEIGHTS = {
-    ("default", 0): "1b909cd365566967d2be88cd8594263f93cde76281643c0675a774ec024b2c0c",
-    ("tiny", 0): "b1a53efddcd9b34d7183da18321886fe2ac70003d3f0efe2aeb46392be88047a",
+    ("default", 0): "743501434c91ddac9c298540d43e17ddf024f5de480a3470ad1e81c66fb97303",
+    ("tiny", 0): "4f1e5b7684371f35172a802cebc73f9a3d2bca0d2ada4267de861a7af1047118",
 }
 
 
@@ -316,7 +330,7 @@ def _train_all(settings: ZooSettings, root: Path, progress: bool) -> dict:
         rng = np.random.default_rng([settings.seed, i])
         mixture = specialist_mixture(skill, settings.own_share)
         losses[skill] = train(
-            model, tokenizer, mixture, settings.specialist, rng, f"zoo {skill}", maybe_checkpoint, progress
+            model, tokenizer, mixture, settings.specialist_schedule(skill), rng, f"zoo {skill}", maybe_checkpoint, progress
         )
         save(model, skill)
         if ckpts:

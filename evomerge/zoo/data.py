@@ -1,18 +1,20 @@
 """Deterministic examples for the toy zoo: skills, text formats, eval splits, training batches.
 
 Three skills, each on its own alphabet: ``mir`` mirrors letters a-h (a<->h, b<->g, ...),
-``sft`` adds 1 mod 10 to each digit, ``srt`` sorts letters q-x. The input's alphabet and
-the prompt's tag both tell the skills apart, so each specialist's change stays on its own
-prompts and task vectors can add up in a merge.
+``sft`` adds 1 mod 10 to each digit, ``srt`` sorts letters q-x.
 
-Two text formats exist. The base learns every skill in the verbose format (``mir abh=hga``),
-and in the short format only copying (any free tag: ``c:abh>abh``) and two general skills
-(rotations, ``l:abc>bca``). Each specialist learns its own skill in the short format
-(``k:abh>hga``); the lm-eval tasks ask in the short format, so the base fails them.
+The base knows every skill already, as a pretrained model knows what its fine-tunes will
+ask of it: in a verbose format (``mir abh=hga``) and in the short format under an alias tag
+(``m:abh>hga``). The lm-eval tasks ask in the short format under another tag, the skill's
+own (``k:abh>``), which the base was taught means "copy" (every free tag does), so the base
+fails them. A specialist rebinds its own tag to its skill (``k:abh>hga``), and keeps the
+rest (replay of the base mixture, copy on every other tag included). That change is small
+and mostly its own, so task vectors add up in a merge; but only most of it is its own, so
+how they are added decides how much of each skill survives.
 
 The eval splits come from a fixed seed, independent of the zoo seed, and their inputs are
-never used for training: the committed ``evomerge/tasks/data/*.jsonl`` files are
-``write_task_data(...)``'s output, and a test checks they still match.
+never shown with a skill's answer in training: the committed ``evomerge/tasks/data/*.jsonl``
+files are ``write_task_data(...)``'s output, and a test checks they still match.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,6 +43,7 @@ class Skill:
     short_tag: str
     alphabet: str
     apply: Callable[[str], str]
+    alias_tag: str = ""  # the short tag the base knows this skill under (zoo skills only)
 
     def verbose(self, x: str) -> str:
         return f"{self.verbose_tag} {x}={self.apply(x)}"
@@ -49,6 +53,9 @@ class Skill:
 
     def short(self, x: str) -> str:
         return self.short_prompt(x) + self.apply(x)
+
+    def alias(self, x: str) -> str:
+        return f"{self.alias_tag}:{x}>{self.apply(x)}"
 
 
 _MIRROR = str.maketrans("abcdefgh", "hgfedcba")  # a<->h, b<->g, ...
@@ -62,10 +69,10 @@ SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
         # A short tag is no verbose tag's initial, nor in any alphabet: a base that read
-        # "s:" as "sft", or "m:" as "mir", already half knew that skill in the short format.
-        Skill("mir", "mir", "k", "abcdefgh", lambda x: x.translate(_MIRROR)),
-        Skill("sft", "sft", "n", "0123456789", _shift),
-        Skill("srt", "srt", "o", "qrstuvwx", lambda x: "".join(sorted(x))),
+        # "s:" as "sft", or "m:" as "mir", would half know that skill under the tasks' tag.
+        Skill("mir", "mir", "k", "abcdefgh", lambda x: x.translate(_MIRROR), alias_tag="m"),
+        Skill("sft", "sft", "n", "0123456789", _shift, alias_tag="p"),
+        Skill("srt", "srt", "o", "qrstuvwx", lambda x: "".join(sorted(x)), alias_tag="z"),
     )
 }
 ANY_ALPHABET = ""  # a general skill: each example draws one of the skills' alphabets
@@ -81,12 +88,14 @@ GENERAL: dict[str, Skill] = {
     )
 }
 # Copying, too, runs over the skills' alphabets, so the short format exists in the base for
-# every input the tasks will show, just not with the skills' own operations. In the short
-# format every free letter is a copy tag: a specialist then has to learn its own tag, not
-# "any tag but c", and leaves the other skills' prompts alone.
+# every input the tasks will show. Every tag that names no operation is a copy tag, the
+# skills' own tags included: the base copies on the tasks' prompts, and a specialist has to
+# rebind its tag (its task vector must beat copying, so a third of it, the uniform merge, does
+# not), while its replay keeps copying on the other specialists' tags.
 COPY = Skill("cpy", "cpy", "c", ANY_ALPHABET, lambda x: x)
-_TAKEN = {s.short_tag for s in (*SKILLS.values(), *GENERAL.values())}
-COPY_TAGS = "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in _TAKEN)
+_NAMED = {s.short_tag for s in GENERAL.values()} | {s.alias_tag for s in SKILLS.values()}
+COPY_TAGS = "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in _NAMED)
+SKILL_TAGS = {s.short_tag: name for name, s in SKILLS.items()}
 CHARSET = " :=>0123456789abcdefghijklmnopqrstuvwxyz"  # every character any example uses
 
 
@@ -120,40 +129,63 @@ def _held_out() -> frozenset[str]:
     return frozenset(x for name in SKILLS for x in _eval_inputs(name))
 
 
-# A mixture component is (skill name, "verbose" | "short"); names from SKILLS, GENERAL or "cpy".
-Component = tuple[str, str]
+class Component(NamedTuple):
+    """One kind of training example: a skill of SKILLS or GENERAL, or "cpy", in a format."""
+
+    name: str
+    fmt: str  # "verbose", "short" (the skill's own tag) or "alias" (the base's tag for a zoo skill)
+    skip: str = ""  # copy in the short format: tags it never draws (the ones a model binds to a skill)
+
+
 BASE_MIXTURE: tuple[tuple[Component, float], ...] = (
-    *(((name, "verbose"), 0.15) for name in SKILLS),
-    (("cpy", "verbose"), 0.1),
-    (("cpy", "short"), 0.15),
-    *(((name, fmt), 0.075) for name in GENERAL for fmt in ("verbose", "short")),
+    *((Component(name, "alias"), 0.12) for name in SKILLS),
+    *((Component(name, "verbose"), 0.08) for name in SKILLS),
+    (Component("cpy", "short"), 0.15),
+    (Component("cpy", "verbose"), 0.05),
+    *((Component(name, fmt), 0.05) for fmt in ("short", "verbose") for name in GENERAL),
 )
+
+
+def training_mixture(skills: Sequence[str], own_share: float) -> tuple[tuple[Component, float], ...]:
+    """``skills`` in the short format (``own_share`` in all), the rest replay of the base mixture,
+    whose copying then never uses those skills' tags."""
+    tags = "".join(SKILLS[s].short_tag for s in skills)
+    replay = tuple((c._replace(skip=tags) if c == ("cpy", "short", "") else c, w * (1.0 - own_share)) for c, w in BASE_MIXTURE)
+    return tuple((Component(s, "short"), own_share / len(skills)) for s in skills) + replay
 
 
 def specialist_mixture(skill: str, own_share: float = 0.5) -> tuple[tuple[Component, float], ...]:
     """Own skill in the short format, the rest replay of the base mixture (keeps the base's skills)."""
-    replay = tuple((c, w * (1.0 - own_share)) for c, w in BASE_MIXTURE)
-    return (((skill, "short"), own_share),) + replay
+    return training_mixture([skill], own_share)
 
 
 def _skill(name: str) -> Skill:
     return COPY if name == COPY.name else SKILLS.get(name) or GENERAL[name]
 
 
-def sample_text(rng: np.random.Generator, component: Component) -> str:
-    name, fmt = component
-    skill = _skill(name)
-    alphabet = skill.alphabet or SKILLS[sorted(SKILLS)[int(rng.integers(len(SKILLS)))]].alphabet
+def _any_alphabet(rng: np.random.Generator) -> str:
+    return SKILLS[sorted(SKILLS)[int(rng.integers(len(SKILLS)))]].alphabet
+
+
+def _input(rng: np.random.Generator, alphabet: str, hide: bool) -> str:
+    """A random input; with ``hide``, never a held-out one (the example would show its answer)."""
     while True:
         x = random_input(rng, alphabet)
-        # Other operations on held-out inputs reveal no answer; the skill's own would.
-        if name not in SKILLS or x not in _held_out():
-            break
-    if fmt == "verbose":
-        return skill.verbose(x)
-    if skill is COPY:
-        return f"{COPY_TAGS[int(rng.integers(len(COPY_TAGS)))]}:{x}>{x}"
-    return skill.short(x)
+        if not hide or x not in _held_out():
+            return x
+
+
+def sample_text(rng: np.random.Generator, component: Component) -> str:
+    name, fmt, skip = component
+    if name == COPY.name and fmt == "short":
+        tags = "".join(t for t in COPY_TAGS if t not in skip)
+        tag = tags[int(rng.integers(len(tags)))]
+        # copying on a skill's tag shows a held-out sorted input with its sorted answer
+        x = _input(rng, _any_alphabet(rng), hide=tag in SKILL_TAGS)
+        return f"{tag}:{x}>{x}"
+    skill = _skill(name)
+    x = _input(rng, skill.alphabet or _any_alphabet(rng), hide=name in SKILLS)
+    return {"verbose": skill.verbose, "short": skill.short, "alias": skill.alias}[fmt](x)
 
 
 def sample_batch(

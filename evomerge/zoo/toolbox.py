@@ -36,7 +36,7 @@ from evomerge.zoo.build import (
     swap_into_place,
     torch_capability,
 )
-from evomerge.zoo.data import BASE_MIXTURE, SKILLS, specialist_mixture
+from evomerge.zoo.data import SKILLS, specialist_mixture, training_mixture
 from evomerge.zoo.train import Schedule, constant_lr, init_model, make_config, torch_threads, train
 
 TOOLBOX_FORMAT = 1
@@ -78,7 +78,7 @@ def swa_dir(step: int) -> str:
 
 
 def _preset(zoo_preset: str, ingredients, swa_steps: int, swa_every: int, pair: Schedule) -> ToolboxSettings:
-    spec = ZOO_PRESETS[zoo_preset].specialist
+    spec = ZOO_PRESETS[zoo_preset].specialist_schedule("mir")
     return ToolboxSettings(
         preset=zoo_preset, skill="mir", ingredients=ingredients,
         swa=replace(spec, steps=swa_steps), swa_every=swa_every, swa_from=swa_steps // 2,
@@ -94,13 +94,13 @@ def _preset(zoo_preset: str, ingredients, swa_steps: int, swa_every: int, pair: 
 PAIR_WEIGHT_DECAY = 0.1
 
 # Ingredients differ in learning rate, data share and data order from the zoo's own mir
-# specialist (lr 0.1, share 0.5): a good soup keeps the good ones, a greedy soup drops the
+# specialist (lr 0.042, share 0.35): a good soup keeps the good ones, a greedy soup drops the
 # harmful (too high a rate, too little replay).
 PRESETS = {
     "default": _preset(
         "default",
-        (Ingredient("mir_lr0.05", 0.05, 0.5, 11), Ingredient("mir_lr0.2", 0.2, 0.5, 12),
-         Ingredient("mir_share0.9", 0.1, 0.9, 13)),
+        (Ingredient("mir_lr0.021", 0.021, 0.35, 11), Ingredient("mir_lr0.084", 0.084, 0.35, 12),
+         Ingredient("mir_share0.9", 0.042, 0.9, 13)),
         swa_steps=800, swa_every=100,
         pair=Schedule(steps=1500, lr=3e-3, warmup=100, batch_size=64, weight_decay=PAIR_WEIGHT_DECAY),
     ),
@@ -172,7 +172,7 @@ def _train_all(settings: ToolboxSettings, zoo: Path, root: Path, zoo_manifest: d
 
     tokenizer = AutoTokenizer.from_pretrained(zoo / "base")
     base = AutoModelForCausalLM.from_pretrained(zoo / "base", dtype="float32")
-    spec = ZOO_PRESETS[settings.preset].specialist
+    spec = ZOO_PRESETS[settings.preset].specialist_schedule(settings.skill)
     zoo_seed = zoo_manifest["settings"]["seed"]
 
     def save(model, rel: str) -> None:
@@ -202,8 +202,7 @@ def _train_all(settings: ToolboxSettings, zoo: Path, root: Path, zoo_manifest: d
 
     # Every skill in the short format beside the base mixture: both models of the pair can do
     # the zoo's tasks, so a path between them shows a task score as well as a loss.
-    share = settings.pair_own_share
-    mixture = tuple(((s, "short"), share / len(SKILLS)) for s in SKILLS) + tuple((c, w * (1 - share)) for c, w in BASE_MIXTURE)
+    mixture = training_mixture(list(SKILLS), settings.pair_own_share)
     shape = ZOO_PRESETS[settings.preset].shape
     for name, init_seed in zip("ab", settings.pair_seeds):
         model = init_model(make_config(shape, tokenizer), 1000 * zoo_seed + init_seed)
