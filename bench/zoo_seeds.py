@@ -1,12 +1,15 @@
 """The zoo on several seeds: does every seed's family hold the bars the toy search relies on?
 
-    python bench/zoo_seeds.py [--seeds 0 1 2 3 4] [--root runs/zoo_seeds] [--jobs 1]
+    python bench/zoo_seeds.py [--seeds 0 1 2 3 4] [--root runs/zoo_seeds] [--jobs 1] [--search]
 
 Builds (or finds cached) `evomerge zoo build ROOT/seedN --seed N` for each seed, scores every
 source, the uniform merge and the hand-merge grid (docs/hand_merges/*.yaml, pointed at that
 seed's zoo) on the test splits, and prints one row per seed and the spread. The bars
 (issue: a proof that reproduces): every specialist >= 0.90 on its own skill and <= 0.50 on
 another; no source averages above 0.60; the best hand merge >= 0.85; the uniform merge < 0.50.
+With --search it also runs the default search (search_spaces/toy_ps.yaml) on each seed's zoo
+(~3 min each on 2 cores): its best recipe's test mean must be >= 0.95 and above the best hand
+merge, the uniform merge and the best single source.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 HAND = REPO / "docs" / "hand_merges"
 ZOO_IN_RECIPES = "../../runs/zoo"  # how the shipped hand merges name the default zoo
 
@@ -82,45 +86,75 @@ def summary(result: dict) -> dict:
     return out
 
 
-def build(seeds: list[int], root: Path, jobs: int, threads: int | None) -> dict[int, float]:
-    """`evomerge zoo build` per seed, ``jobs`` at a time; returns each build's wall seconds."""
-    pending, running, took = list(seeds), {}, {}
+def search_mean(zoo: Path) -> float:
+    """The default search on ``zoo``: its best recipe's test-split mean."""
+    from readme_results import search_row
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scores, _ = search_row(REPO / "search_spaces" / "toy_ps.yaml", zoo.resolve(), Path(tmp) / "run")
+    return statistics.fmean(scores)
+
+
+def trained_s(zoo: Path) -> float:
+    """The build's own training time (zoo.json), also for a zoo found cached."""
+    from evomerge.zoo.build import read_manifest
+
+    return read_manifest(zoo)["build_s"]
+
+
+def search_beats(s: dict, found: float) -> bool:
+    return found >= 0.95 and found > max(s["best_hand"], s["uniform"], s["source_mean_max"])
+
+
+def build(seeds: list[int], root: Path, jobs: int, threads: int | None) -> None:
+    """`evomerge zoo build` per seed, ``jobs`` at a time."""
+    pending, running = list(seeds), {}
     while pending or running:
         while pending and len(running) < jobs:
             seed = pending.pop(0)
             cmd = [sys.executable, "-m", "evomerge.cli", "zoo", "build", str(root / f"seed{seed}"), "--seed", str(seed), "--quiet"]
             cmd += ["--threads", str(threads)] if threads else []
-            running[seed] = (subprocess.Popen(cmd), time.perf_counter())
-        for seed, (proc, t0) in list(running.items()):
+            running[seed] = subprocess.Popen(cmd)
+        for seed, proc in list(running.items()):
             if proc.poll() is not None:
                 if proc.returncode != 0:
                     raise SystemExit(f"zoo build --seed {seed} failed ({proc.returncode})")
-                took[seed] = time.perf_counter() - t0
                 del running[seed]
         time.sleep(0.5)
-    return took
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--root", type=Path, default=REPO / "runs" / "zoo_seeds")
-    ap.add_argument("--jobs", type=int, default=1, help="builds at a time (timings are per build)")
+    ap.add_argument("--jobs", type=int, default=1, help="builds at a time (each build's training time is its own)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per build (default 2; the weights do not depend on it)")
+    ap.add_argument("--search", action="store_true", help="also run the default search on each seed's zoo")
     args = ap.parse_args()
-    took = build(args.seeds, args.root, args.jobs, args.threads)
-    print("| seed | specialist own (min) | specialist other (max) | best source mean | uniform | best hand merge | holds | build |")
-    print("|---|---|---|---|---|---|---|---|")
+    build(args.seeds, args.root, args.jobs, args.threads)
+    search_cols = " search | beats |" if args.search else ""
+    print("| seed | specialist own (min) | specialist other (max) | best source mean | uniform | best hand merge | holds |"
+          f"{search_cols} trained in |")
+    print("|---|---|---|---|---|---|---|" + "---|---|" * args.search + "---|")
     sums = []
     for seed in args.seeds:
-        s = summary(score_zoo(args.root / f"seed{seed}"))
+        zoo = args.root / f"seed{seed}"
+        s = summary(score_zoo(zoo))
+        if args.search:
+            s["search"] = search_mean(zoo)
+            s["beats"] = search_beats(s, s["search"])
         sums.append(s)
+        found = f" {s['search']:.3f} | {'yes' if s['beats'] else 'NO'} |" if args.search else ""
         print(f"| {seed} | {s['own_min']:.3f} | {s['other_max']:.3f} | {s['source_mean_max']:.3f} | {s['uniform']:.3f} | "
-              f"{s['best_hand']:.3f} ({s['best_hand_name']}) | {'yes' if s['holds'] else 'NO'} | {took[seed]:.0f} s |")
-    for key in ("own_min", "other_max", "source_mean_max", "uniform", "best_hand"):
+              f"{s['best_hand']:.3f} ({s['best_hand_name']}) | {'yes' if s['holds'] else 'NO'} |{found} {trained_s(zoo):.0f} s |",
+              flush=True)
+    for key in ("own_min", "other_max", "source_mean_max", "uniform", "best_hand") + (("search",) if args.search else ()):
         vals = [s[key] for s in sums]
         print(f"{key}: min {min(vals):.3f}, median {statistics.median(vals):.3f}, max {max(vals):.3f}")
     print(f"seeds holding every bar: {sum(s['holds'] for s in sums)} of {len(sums)}")
+    if args.search:
+        print(f"seeds where the search beats every hand merge, the uniform merge and every source, at >= 0.95: "
+              f"{sum(s['beats'] for s in sums)} of {len(sums)}")
 
 
 if __name__ == "__main__":
