@@ -1,6 +1,6 @@
 """The zoo on several seeds: does every seed's family hold the bars the toy search relies on?
 
-    python bench/zoo_seeds.py [--seeds 0 1 2 3 4] [--root runs/zoo_seeds] [--jobs 1] [--search]
+    python bench/zoo_seeds.py [--seeds 0 1 2 3 4] [--root runs/zoo_seeds] [--jobs 1] [--search] [--vectors]
 
 Builds (or finds cached) `evomerge zoo build ROOT/seedN --seed N` for each seed, scores every
 source, the uniform merge and the hand-merge grid (docs/hand_merges/*.yaml, pointed at that
@@ -9,7 +9,8 @@ seed's zoo) on the test splits, and prints one row per seed and the spread. The 
 another; no source averages above 0.60; the best hand merge >= 0.85; the uniform merge < 0.50.
 With --search it also runs the default search (search_spaces/toy_ps.yaml) on each seed's zoo
 (~3 min each on 2 cores): its best recipe's test mean must be >= 0.95 and above the best hand
-merge, the uniform merge and the best single source.
+merge, the uniform merge and the best single source. With --vectors it prints instead each
+seed's task vectors' norms and pairwise cosines (seconds; a seed whose merges break may show why).
 """
 
 from __future__ import annotations
@@ -86,6 +87,25 @@ def summary(result: dict) -> dict:
     return out
 
 
+def vector_stats(zoo: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Each specialist's task vector (its weights minus the base's, all tensors): norm, and each pair's cosine."""
+    import itertools
+
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.zoo.build import read_manifest
+
+    base = load_file(zoo / "base" / "model.safetensors")
+    taus = {}
+    for name in (m for m in read_manifest(zoo)["models"] if m != "base"):
+        weights = load_file(zoo / name / "model.safetensors")
+        taus[name] = torch.cat([(weights[k] - base[k]).flatten() for k in sorted(base)])
+    norms = {n: float(t.norm()) for n, t in taus.items()}
+    cos = {f"{a}/{b}": float(taus[a] @ taus[b]) / (norms[a] * norms[b]) for a, b in itertools.combinations(taus, 2)}
+    return norms, cos
+
+
 def search_mean(zoo: Path) -> float:
     """The default search on ``zoo``: its best recipe's test-split mean."""
     from readme_results import search_row
@@ -130,8 +150,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="builds at a time (each build's training time is its own)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per build (default 2; the weights do not depend on it)")
     ap.add_argument("--search", action="store_true", help="also run the default search on each seed's zoo")
+    ap.add_argument("--vectors", action="store_true", help="print each seed's task-vector norms and cosines instead of scoring")
     args = ap.parse_args()
     build(args.seeds, args.root, args.jobs, args.threads)
+    if args.vectors:
+        for seed in args.seeds:
+            norms, cos = vector_stats(args.root / f"seed{seed}")
+            print(f"seed {seed}: task vector norm " + ", ".join(f"{n} {v:.3f}" for n, v in norms.items())
+                  + "; cosine " + ", ".join(f"{p} {v:.2f}" for p, v in cos.items()))
+        return
     search_cols = " search | beats |" if args.search else ""
     print("| seed | specialist own (min) | specialist other (max) | best source mean | uniform | best hand merge | holds |"
           f"{search_cols} trained in |")

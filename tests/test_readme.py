@@ -24,6 +24,25 @@ def test_compare_finds_a_changed_cell_and_a_changed_row():
     assert "rows differ" in compare(block, block.replace("| base |", "| based |"))
 
 
+def test_zoo_seeds_row_0_is_the_results_table():
+    """The zoo-seeds table's seed 0 (the default zoo) says what the checked results table says."""
+    readme = (REPO / "README.md").read_text()
+    rows = {}
+    for line in readme_block(readme).splitlines()[2:]:
+        label, *cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[label.strip("`")] = dict(zip(("mir", "sft", "srt", "mean"), map(float, cells)))
+    skills = ("mir", "sft", "srt")
+    hands = {k: v["mean"] for k, v in rows.items() if k not in ("base", *skills, "uniform") and " " not in k}
+    best = max(hands, key=hands.get)
+    want = [min(rows[s][s] for s in skills), max(rows[s][o] for s in skills for o in skills if o != s),
+            max(rows[k]["mean"] for k in ("base", *skills)), rows["uniform"]["mean"], hands[best],
+            rows["evomerge search search_spaces/toy_ps.yaml"]["mean"]]
+    seed0 = next(line for line in readme_block(readme, "zoo-seeds").splitlines() if line.startswith("| 0 |"))
+    cells = [c.strip() for c in seed0.strip("|").split("|")]
+    got = [float(c.split()[0]) for c in cells[1:6]] + [float(cells[7])]
+    assert got == want and cells[5].endswith(f"({best})"), (got, want, best)
+
+
 @pytest.mark.slow
 def test_readme_results_reproduce():
     """Builds the default zoo (cached beside SmolLM2 across runs), scores the sources and hand

@@ -80,10 +80,11 @@ PINNED_MKL_BRANCH = "AVX2"  # what mkl_branch.active_branch() reports in a pinne
 # matrix) and three of them added up to a broken model. SGD moves weights in proportion to
 # their gradients. Each specialist rebinds one tag the base copies on to a skill the base
 # knows under another tag (zoo/data.py), gently (300 steps, a third of its data its own
-# skill): a change small enough that task vectors add up, on every seed, into merges that keep
-# most of every skill, while which merge keeps all of them still depends on the recipe. The
-# three were fine-tuned at different rates (mir 1.4x sft's, srt 0.7x), as fine-tunes from
-# different hands are, so that each model's weight matters, not only one global strength.
+# skill): a change small enough that task vectors add up into merges that keep most of every
+# skill (on seeds 0-5; on seed 6 one fine-tune went much further and none does), while which
+# merge keeps all of them still depends on the recipe. The three were fine-tuned at
+# different rates (mir 1.4x sft's, srt 0.7x), as fine-tunes from different hands are, so that
+# each model's weight matters, not only one global strength.
 # The earlier family (a base that knew the skills only in the verbose format, 600 steps at
 # lr 0.1) made merges that broke on most seeds (best hand merge 0.40-0.93 on seeds 0-4) and
 # took 2.2x the training steps (bench/RESULTS.md, tenth session).
