@@ -77,7 +77,7 @@ def readme_block(readme: str, name: str = "toy-results") -> str:
         raise SystemExit(f"no {begin} ... {end} block") from None
 
 
-def _cells(text: str) -> dict[str, list[float]]:
+def score_rows(text: str) -> dict[str, list[float]]:
     """Each table row's label (first cell) -> its last four cells, the scores."""
     out = {}
     for row in text.splitlines():
@@ -89,7 +89,7 @@ def _cells(text: str) -> dict[str, list[float]]:
 
 def compare(expected: str, got: str, tolerance: float = TOLERANCE) -> str | None:
     """None when the tables agree (same rows, every cell within ``tolerance``), else the first difference."""
-    a, b = _cells(expected), _cells(got)
+    a, b = score_rows(expected), score_rows(got)
     if list(a) != list(b):
         return f"rows differ: README has {list(a)}, the commands give {list(b)}"
     for label, want in a.items():
