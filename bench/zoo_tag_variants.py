@@ -1,0 +1,149 @@
+"""What the tasks' tags mean in the base, and whether the specialists' merges collide.
+
+    python bench/zoo_tag_variants.py [--variants copy distinct distinct2 shared unseen] [--seeds 6] [--hide]
+                                     [--root runs/zoo_tag_variants]
+
+In the shipped zoo (zoo/data.py) the base copies on every tag that names no operation, the
+three tasks' tags (k, n, o) included, and each specialist rebinds its own tag from copying to
+its skill. This script builds the same family with the base taught another meaning for those
+three tags, and prints, per seed and variant, the zoo_seeds.py bars (specialists, uniform
+merge, best of the hand grid) and each pair of specialists summed (task arithmetic, lambda 1:
+the pair's two own-skill test scores), which shows which rebindings collide:
+
+- ``copy``: the shipped design (every task tag copies in the base);
+- ``distinct``: each task tag names its own operation in the base (k reverse, n rotate left,
+  o rotate right), so no two rebindings start from the same function; ``distinct2``: k rotate
+  left, n reverse, o rotate right;
+- ``shared``: k and n both reverse, o rotates right (two rebindings from one function);
+- ``unseen``: the base never sees the task tags.
+
+A variant's family is built like `evomerge zoo build` (same settings, same pinned child
+process), with the data module patched in that child only; its zoo.json hash names the
+variant, so it is never taken for the shipped zoo (``copy``'s is the shipped zoo's: link
+ROOT/copy/seedN to a zoo_seeds.py build to reuse it). ~3.5 min per seed and variant on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+REV, ROL, ROR = ("rev", lambda x: x[::-1]), ("rol", lambda x: x[1:] + x[0]), ("ror", lambda x: x[-1] + x[:-1])
+# task tag -> (name, operation) the base learns on it, in the short format over every alphabet
+TAG_OPS = {
+    "distinct": {"k": REV, "n": ROL, "o": ROR},
+    "distinct2": {"k": ROL, "n": REV, "o": ROR},
+    "shared": {"k": REV, "n": REV, "o": ROR},
+}
+VARIANTS = ("copy", "distinct", "distinct2", "shared", "unseen")
+TAG_OP_SHARE = 0.03  # of the base's data, per task tag (copy on all 21 copy tags is 0.15)
+
+
+def patch_data(variant: str, hide: bool) -> None:
+    """Rewrite zoo/data.py's base mixture (and the specialists' replay of it) for ``variant``;
+    ``hide``: the base's operations on the task tags never show a held-out input, as no other
+    example on those tags does (a rotation can equal a skill's answer)."""
+    import evomerge.zoo.build as build
+    import evomerge.zoo.data as data
+    from evomerge.zoo.data import ANY_ALPHABET, Component, Skill
+
+    if variant == "copy":  # the shipped design: the same family, the same hash
+        return
+    build.ZOO_FORMAT = f"{build.ZOO_FORMAT}-{variant}" + "-hide" * (hide and variant in TAG_OPS)
+    task_tags = "".join(data.SKILL_TAGS)
+    mixture = tuple((c._replace(skip=task_tags) if c == ("cpy", "short", "") else c, w) for c, w in data.BASE_MIXTURE)
+    for tag, (op, fn) in TAG_OPS.get(variant, {}).items():
+        name = f"{op}_{tag}"
+        data.GENERAL[name] = Skill(name, name, tag, ANY_ALPHABET, fn)
+        mixture += ((Component(name, "short"), TAG_OP_SHARE),)
+
+    def specialist_mixture(skill: str, own_share: float = 0.5):
+        # replay never shows what the base did on the specialist's own tag
+        own_tag = data.SKILLS[skill].short_tag
+        replay = tuple((c, w * (1.0 - own_share)) for c, w in mixture
+                       if not (c.name in data.GENERAL and c.fmt == "short" and data.GENERAL[c.name].short_tag == own_tag))
+        return ((Component(skill, "short"), own_share),) + replay
+
+    build.BASE_MIXTURE = data.BASE_MIXTURE = mixture
+    build.specialist_mixture = specialist_mixture
+    ops = {f"{op}_{tag}" for tag, (op, _) in TAG_OPS.get(variant, {}).items()}
+    sample_text = data.sample_text
+
+    def sample_hidden(rng, component):
+        if component.name not in ops:
+            return sample_text(rng, component)
+        x = data._input(rng, data._any_alphabet(rng), hide=True)
+        return data.GENERAL[component.name].short(x)
+
+    if hide:
+        data.sample_text = sample_hidden
+
+
+def pair_scores(zoo: Path) -> dict[str, tuple[float, float]]:
+    """Each pair of specialists summed onto the base: the two own-skill test scores."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.fitness.terms import FitnessTerm
+
+    skills = ["mir", "sft", "srt"]
+    model = AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(zoo / "base")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tau = {s: {k: v - base[k] for k, v in load_file(zoo / s / "model.safetensors").items()} for s in skills}
+    evaluator = Evaluator([FitnessTerm(f"{s}_test", "acc") for s in skills])
+    out = {}
+    for a, b in itertools.combinations(skills, 2):
+        model.load_state_dict({k: base[k] + tau[a][k] + tau[b][k] for k in base})
+        got = evaluator.score_model(model, tokenizer).scores
+        out[f"{a}+{b}"] = (got[f"{a}_test"]["acc"], got[f"{b}_test"]["acc"])
+    return out
+
+
+def _child() -> None:
+    """In the pinned child: patch, then build as `evomerge zoo build` does."""
+    variant, out, seed, threads, hide = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
+    patch_data(variant, hide)
+    from evomerge.zoo.build import build_zoo
+
+    build_zoo(out, seed=seed, progress=False, threads=threads)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[6])
+    ap.add_argument("--root", type=Path, default=REPO / "runs" / "zoo_tag_variants")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hide", action="store_true", help="the base's operations on the task tags never show a held-out input")
+    args = ap.parse_args()
+
+    from evomerge.zoo.build import run_pinned
+    from zoo_seeds import score_zoo, summary
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH")]))
+    print("| seed | variant | specialist own (min) | uniform | best hand merge | holds | mir+sft | mir+srt | sft+srt |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for seed, variant in itertools.product(args.seeds, args.variants):
+        zoo = args.root / (variant + "-hide" * (args.hide and variant in TAG_OPS)) / f"seed{seed}"
+        child = ["--child", variant, str(zoo), str(seed), str(args.threads), str(int(args.hide))]
+        run_pinned("zoo_tag_variants", child, args.threads, False, zoo)
+        s = summary(score_zoo(zoo))
+        pairs = " | ".join(f"{a:.3f} / {b:.3f}" for a, b in pair_scores(zoo).values())
+        print(f"| {seed} | {zoo.parent.name} | {s['own_min']:.3f} | {s['uniform']:.3f} | {s['best_hand']:.3f} ({s['best_hand_name']}) | "
+              f"{'yes' if s['holds'] else 'NO'} | {pairs} |", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        _child()
+    else:
+        main()
