@@ -58,25 +58,24 @@ def patch_data(variant: str, hide: bool) -> None:
     build.ZOO_FORMAT = f"{build.ZOO_FORMAT}-{variant}" + "-hide" * (hide and variant in TAG_OPS)
     task_tags = "".join(data.SKILL_TAGS)
     mixture = tuple((c._replace(skip=task_tags) if c == ("cpy", "short", "") else c, w) for c, w in data.BASE_MIXTURE)
+    decoys = {}  # task tag -> the name of the base's operation on it
     for tag, (op, fn) in TAG_OPS.get(variant, {}).items():
-        name = f"{op}_{tag}"
-        data.GENERAL[name] = Skill(name, name, tag, ANY_ALPHABET, fn)
-        mixture += ((Component(name, "short"), TAG_OP_SHARE),)
+        decoys[tag] = f"{op}_{tag}"
+        data.GENERAL[decoys[tag]] = Skill(decoys[tag], decoys[tag], tag, ANY_ALPHABET, fn)
+        mixture += ((Component(decoys[tag], "short"), TAG_OP_SHARE),)
 
     def specialist_mixture(skill: str, own_share: float = 0.5):
         # replay never shows what the base did on the specialist's own tag
-        own_tag = data.SKILLS[skill].short_tag
-        replay = tuple((c, w * (1.0 - own_share)) for c, w in mixture
-                       if not (c.name in data.GENERAL and c.fmt == "short" and data.GENERAL[c.name].short_tag == own_tag))
+        own = decoys.get(data.SKILLS[skill].short_tag)
+        replay = tuple((c, w * (1.0 - own_share)) for c, w in mixture if c.name != own)
         return ((Component(skill, "short"), own_share),) + replay
 
     build.BASE_MIXTURE = data.BASE_MIXTURE = mixture
     build.specialist_mixture = specialist_mixture
-    ops = {f"{op}_{tag}" for tag, (op, _) in TAG_OPS.get(variant, {}).items()}
     sample_text = data.sample_text
 
     def sample_hidden(rng, component):
-        if component.name not in ops:
+        if component.name not in decoys.values():
             return sample_text(rng, component)
         x = data._input(rng, data._any_alphabet(rng), hide=True)
         return data.GENERAL[component.name].short(x)
