@@ -5,11 +5,14 @@ zoo, `evomerge zoo build DIR --seed N`, read in place of runs/zoo).
     python bench/bench_search.py overhead [--config search_spaces/toy_ps.yaml]
         runs the config and prints the share of worker time spent outside merging and the
         model's forward passes (target <= 10 %), and worker utilization.
-    python bench/bench_search.py cma-vs-random [--evals 60] [--seeds 0 1 2]
+    python bench/bench_search.py cma-vs-random [--evals 60] [--seeds 0 1 2] [--popsize 16] [--backends cma random]
         runs the toy PS search with CMA-ES and with random search at the same budget and
-        prints, for each seed and the medians, the best recipe's test-split mean and the best
-        fitness found (the search split's objective, which the optimizers maximize: the test
-        exact match saturates near the specialists' own accuracy).
+        prints, for each seed and the medians, the best recipe's test-split mean (exact match),
+        its test-split mean log-probability per answer character (the objective's held-out
+        counterpart) and the best fitness found (the search split's objective, which the
+        optimizers maximize). The exact match saturates near the specialists' own accuracy;
+        the log-probabilities do not. --popsize sets both backends' population (default 16,
+        toy_ps's).
     python bench/bench_search.py subsets [--limit 64] [--racing 16] [--confirm 8] [--seeds 0 1 2]
         runs the toy PS search with its full fitness and with each task scored on a seeded
         random subset of --limit documents (and, with --racing N, that subset raced: N
@@ -69,9 +72,11 @@ def overhead(args) -> None:
     print(f"search wall time spent outside merge+forward: {1 - useful * res['utilization']:.1%} (target <= 10 %)")
 
 
-def test_mean(run_dir: Path) -> float:
+def test_mean(run_dir: Path, metric: str = "acc") -> float:
+    """The best recipe's mean over the test splits of ``metric`` (acc; or logprob, the
+    held-out counterpart of the fitness, which does not saturate)."""
     row = json.loads((run_dir / "results.json").read_text())["rows"]["best found"]
-    vals = [m["acc"] for m in row["scores"].values()]
+    vals = [m[metric] for m in row["scores"].values()]
     return sum(vals) / len(vals)
 
 
@@ -82,22 +87,23 @@ def best_fitness(run_dir: Path) -> float:
 
 def cma_vs_random(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="evomerge_cma_vs_random_"))
-    means: dict[str, list[float]] = {"cma": [], "random": []}
-    fitness: dict[str, list[float]] = {"cma": [], "random": []}
-    for backend in means:
-        cfg = variant(Path(args.config), root / f"{backend}.yaml", args.zoo, optimizer={"backend": backend})
+    figures = ("test mean", "test logprob", "best fitness")
+    got: dict[str, dict[str, list[float]]] = {b: {f: [] for f in figures} for b in args.backends}
+    for backend, runs in got.items():
+        cfg = variant(Path(args.config), root / f"{backend}.yaml", args.zoo,
+                      optimizer={"backend": backend, "popsize": args.popsize})
         for seed in args.seeds:
             run_dir = root / f"{backend}_{seed}"
             wall = run_search(cfg, run_dir, "--max-evals", str(args.evals), "--seed", str(seed))
-            means[backend].append(test_mean(run_dir))
-            fitness[backend].append(best_fitness(run_dir))
-            print(f"{backend:6s} seed {seed}: best recipe test mean {means[backend][-1]:.3f}, "
-                  f"best fitness {fitness[backend][-1]:.4f} ({wall:.0f} s)")
-    for backend in means:
-        print(f"{backend:6s} median over seeds {args.seeds}: test mean {statistics.median(means[backend]):.3f}, "
-              f"best fitness {statistics.median(fitness[backend]):.4f}")
-    print(f"cma - random (median): test mean {statistics.median(means['cma']) - statistics.median(means['random']):+.3f}, "
-          f"best fitness {statistics.median(fitness['cma']) - statistics.median(fitness['random']):+.4f}")
+            for name, value in zip(figures, (test_mean(run_dir), test_mean(run_dir, "logprob"), best_fitness(run_dir))):
+                runs[name].append(value)
+            print(f"{backend:6s} seed {seed}: " + ", ".join(f"{f} {runs[f][-1]:.4f}" for f in figures) + f" ({wall:.0f} s)")
+    median = {b: {f: statistics.median(v) for f, v in runs.items()} for b, runs in got.items()}
+    for backend in got:
+        print(f"{backend:6s} median over seeds {args.seeds}: " + ", ".join(f"{f} {median[backend][f]:.4f}" for f in figures))
+    if len(got) == 2:
+        print("cma - random (median): "
+              + ", ".join(f"{f} {median['cma'][f] - median['random'][f]:+.4f}" for f in figures))
 
 
 def variant(config: Path, out: Path, zoo: Path | None = None, **sections) -> Path:
@@ -279,7 +285,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8, help="utilization: Ray workers")
     ap.add_argument("--delay", type=float, default=1.0, help="utilization: mean injected delay per evaluation (s)")
     ap.add_argument("--cv", type=float, default=0.3, help="utilization: the delays' coefficient of variation")
-    ap.add_argument("--popsize", type=int, default=16, help="utilization: population size")
+    ap.add_argument("--popsize", type=int, default=16, help="utilization, cma-vs-random: population size")
     ap.add_argument("--lookahead", type=int, default=None, help="utilization: the asking-ahead run's lookahead (default: auto)")
     ap.add_argument("--limit", type=int, default=64, help="subsets: documents per task")
     ap.add_argument("--racing", type=int, default=0, help="subsets: also race the subset, this many documents per task first")
@@ -288,6 +294,8 @@ def main() -> None:
     ap.add_argument("--zoo", type=Path, default=None,
                     help="read the config's runs/zoo models from this zoo instead (another seed's, `evomerge zoo build DIR --seed N`)")
     ap.add_argument("--evals", type=int, default=60)
+    ap.add_argument("--backends", nargs="+", choices=["cma", "random"], default=["cma", "random"],
+                    help="cma-vs-random: which to run (random search's draws do not depend on --popsize)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     {"overhead": overhead, "cma-vs-random": cma_vs_random, "subsets": subsets, "utilization": utilization,
