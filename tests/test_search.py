@@ -21,6 +21,7 @@ from evomerge.space.config import load_search_config
 
 from conftest import search_config, zoo_skills
 
+REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"eval_id", "generation", "genome", "recipe_hash", "scores", "fitness", "wall_s", "worker", "error"}
 
 
@@ -38,6 +39,7 @@ def test_in_process_search_run_dir_and_export(tiny_zoo, tmp_path, capsys):
     assert len(h) == 12 and all(FIELDS <= set(e) for e in h)
     assert sorted(e["eval_id"] for e in h) == list(range(12))
     assert "best found" in (run / "results.md").read_text()
+    assert "are 3 CMA-ES generations, too few" in (run / "search.log").read_text()  # 12 evals at popsize 4
     load_recipe(run / "best.yaml")
 
     # export -> merge -> eval gives the best entry's scores
@@ -147,6 +149,23 @@ def test_auto_lookahead(tiny_zoo, tmp_path, workers, popsize, backend, want):
     cfg = load_search_config(str(search_config(tiny_zoo, tmp_path / "c.yaml", workers={"count": workers},
                                                optimizer={"popsize": popsize, "max_evals": 32, "backend": backend})))
     assert with_lookahead(cfg).optimizer.lookahead == want
+
+
+@pytest.mark.parametrize("backend,popsize,max_evals,want", [
+    ("cma", 16, 64, "set optimizer.popsize to 15 or less, or raise --max-evals above 64"),  # 4 generations
+    ("cma", 13, 64, None), ("cma", 8, 64, None), ("cma", 16, 640, None),
+    ("cma", 2, 8, "are 4 CMA-ES generations, too few to adapt its search (it may do no better than random "
+                  "search); raise --max-evals above 8"),  # no smaller population to suggest
+    ("random", 16, 64, None),  # nothing to adapt
+])
+def test_a_budget_of_four_cma_generations_or_fewer_gets_a_note(backend, popsize, max_evals, want):
+    from evomerge.run.search import budget_note
+    from evomerge.space.config import OptimizerConfig
+
+    cfg = load_search_config(str(REPO / "search_spaces" / "toy_ps.yaml"))
+    cfg = cfg.model_copy(update={"optimizer": OptimizerConfig(backend=backend, popsize=popsize, max_evals=max_evals)})
+    note = budget_note(cfg)
+    assert note == want if want is None else want in note
 
 
 def test_asking_ahead_on_ray_workers_resumes_after_kill_to_the_same_history(tiny_zoo, tmp_path):

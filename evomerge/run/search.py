@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,24 @@ def with_lookahead(cfg: SearchConfig) -> SearchConfig:
     others, cap = count - 1, o.popsize - math.ceil(o.popsize / 4)
     auto = min(others + others // 2, cap) if count >= 2 and backend is not None and backend.supports_ahead else 0
     return cfg.model_copy(update={"optimizer": o.model_copy(update={"lookahead": auto})})
+
+
+# A budget of this many generations or fewer leaves CMA-ES too few updates to adapt its
+# distribution: at 64 evaluations it beat random search on every toy zoo seed with popsize 13
+# and 8 (4.9 and 8 generations), not with 16 (4) (bench/RESULTS.md, twelfth session).
+FEW_CMA_GENERATIONS = 4
+
+
+def budget_note(cfg: SearchConfig) -> str | None:
+    """One line of advice when the budget leaves CMA-ES FEW_CMA_GENERATIONS generations or fewer."""
+    o = cfg.optimizer
+    if o.backend != "cma" or o.max_evals > FEW_CMA_GENERATIONS * o.popsize:
+        return None
+    fits = (o.max_evals - 1) // FEW_CMA_GENERATIONS  # the largest popsize with more generations than that
+    fix = (f"set optimizer.popsize to {fits} or less, or " if fits >= 2 else "") + \
+        f"raise --max-evals above {FEW_CMA_GENERATIONS * o.popsize}"
+    return (f"note: {o.max_evals} evaluations at popsize {o.popsize} are {o.max_evals / o.popsize:.3g} CMA-ES generations, "
+            f"too few to adapt its search (it may do no better than random search); {fix}")
 
 
 def build_space(cfg: SearchConfig) -> SearchSpace:
@@ -194,6 +213,11 @@ def start_config(cfg: SearchConfig, default_name: str, run_dir: str | None, over
         raise
     with hold(rd.path):
         rd.log(origin)
+        note = budget_note(cfg)
+        if note:
+            rd.log(note)
+            if progress:
+                print(f"evomerge: {note}", file=sys.stderr)
         return run(rd, overrides.ray_address, progress, pool, tensorboard)
 
 
