@@ -82,8 +82,9 @@ def with_lookahead(cfg: SearchConfig) -> SearchConfig:
 
 
 # A budget of this many generations or fewer leaves CMA-ES too few updates to adapt its
-# distribution: at 64 evaluations it beat random search on every toy zoo seed with popsize 13
-# and 8 (4.9 and 8 generations), not with 16 (4) (bench/RESULTS.md, twelfth session).
+# distribution: at 64 evaluations it beat random search on the objective on each of toy zoo
+# seeds 0-4 with popsize 13 and 8 (4.9 and 8 generations), not with 16 (4 generations)
+# (bench/RESULTS.md, twelfth session).
 FEW_CMA_GENERATIONS = 4
 
 
