@@ -15,7 +15,10 @@ the pair's two own-skill test scores), which shows which rebindings collide:
   o rotate right), so no two rebindings start from the same function; ``distinct2``: k rotate
   left, n reverse, o rotate right;
 - ``shared``: k and n both reverse, o rotates right (two rebindings from one function);
-- ``unseen``: the base never sees the task tags.
+- ``unseen``: the base never sees the task tags;
+- ``isolated``: the shipped base; each specialist's replay copies on no task tag, its own or
+  the others' (shipped: every tag but its own), so no specialist is trained to hold another's
+  tag at copying.
 
 A variant's family is built like `evomerge zoo build` (same settings, same pinned child
 process), with the data module patched in that child only; its zoo.json hash names the
@@ -41,7 +44,7 @@ TAG_OPS = {
     "distinct2": {"k": ROL, "n": REV, "o": ROR},
     "shared": {"k": REV, "n": REV, "o": ROR},
 }
-VARIANTS = ("copy", "distinct", "distinct2", "shared", "unseen")
+VARIANTS = ("copy", "distinct", "distinct2", "shared", "unseen", "isolated")
 TAG_OP_SHARE = 0.03  # of the base's data, per task tag (copy on all 21 copy tags is 0.15)
 
 
@@ -54,6 +57,16 @@ def patch_data(variant: str, hide: bool) -> None:
     from evomerge.zoo.data import ANY_ALPHABET, Component, Skill
 
     if variant == "copy":  # the shipped design: the same family, the same hash
+        return
+    if variant == "isolated":  # the shipped base; no specialist's replay shows any task tag
+        build.ZOO_FORMAT = f"{build.ZOO_FORMAT}-isolated"
+        all_tags = "".join(data.SKILL_TAGS)
+
+        def isolated_mixture(skill: str, own_share: float = 0.5):
+            return tuple((c._replace(skip=all_tags) if tuple(c[:2]) == ("cpy", "short") else c, w)
+                         for c, w in data.training_mixture([skill], own_share))
+
+        build.specialist_mixture = isolated_mixture
         return
     build.ZOO_FORMAT = f"{build.ZOO_FORMAT}-{variant}" + "-hide" * (hide and variant in TAG_OPS)
     task_tags = "".join(data.SKILL_TAGS)
