@@ -5,14 +5,14 @@ zoo, `evomerge zoo build DIR --seed N`, read in place of runs/zoo).
     python bench/bench_search.py overhead [--config search_spaces/toy_ps.yaml]
         runs the config and prints the share of worker time spent outside merging and the
         model's forward passes (target <= 10 %), and worker utilization.
-    python bench/bench_search.py cma-vs-random [--evals 60] [--seeds 0 1 2] [--popsize 16] [--backends cma random]
+    python bench/bench_search.py cma-vs-random [--evals 60] [--seeds 0 1 2] [--popsize P] [--backends cma random]
         runs the toy PS search with CMA-ES and with random search at the same budget and
         prints, for each seed and the medians, the best recipe's test-split mean (exact match),
         its test-split mean log-probability per answer character (the objective's held-out
         counterpart) and the best fitness found (the search split's objective, which the
         optimizers maximize). The exact match saturates near the specialists' own accuracy;
-        the log-probabilities do not. --popsize sets both backends' population (default 16,
-        toy_ps's).
+        the log-probabilities do not. --popsize sets both backends' population (default: the
+        config's; toy_ps: 16).
     python bench/bench_search.py subsets [--limit 64] [--racing 16] [--confirm 8] [--seeds 0 1 2]
         runs the toy PS search with its full fitness and with each task scored on a seeded
         random subset of --limit documents (and, with --racing N, that subset raced: N
@@ -91,7 +91,7 @@ def cma_vs_random(args) -> None:
     got: dict[str, dict[str, list[float]]] = {b: {f: [] for f in figures} for b in args.backends}
     for backend, runs in got.items():
         cfg = variant(Path(args.config), root / f"{backend}.yaml", args.zoo,
-                      optimizer={"backend": backend, "popsize": args.popsize})
+                      optimizer={"backend": backend, **({"popsize": args.popsize} if args.popsize else {})})
         for seed in args.seeds:
             run_dir = root / f"{backend}_{seed}"
             wall = run_search(cfg, run_dir, "--max-evals", str(args.evals), "--seed", str(seed))
@@ -215,7 +215,7 @@ def utilization(args) -> None:
     rows = {}
     ahead = "auto" if args.lookahead is None else str(args.lookahead)
     for name, lookahead in (("generational (lookahead 0)", 0), (f"asking ahead (lookahead {ahead})", args.lookahead)):
-        opt = {"popsize": args.popsize, "max_evals": args.evals, "seed": 0}
+        opt = {"popsize": args.popsize or 16, "max_evals": args.evals, "seed": 0}
         if lookahead is not None:
             opt["lookahead"] = lookahead
         cfg = variant(Path(args.config), out / f"variant{len(rows)}.yaml", args.zoo, optimizer=opt, test=[],
@@ -285,7 +285,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8, help="utilization: Ray workers")
     ap.add_argument("--delay", type=float, default=1.0, help="utilization: mean injected delay per evaluation (s)")
     ap.add_argument("--cv", type=float, default=0.3, help="utilization: the delays' coefficient of variation")
-    ap.add_argument("--popsize", type=int, default=16, help="utilization, cma-vs-random: population size")
+    ap.add_argument("--popsize", type=int, default=None,
+                    help="utilization: population size (default 16); cma-vs-random: both backends' (default: the config's)")
     ap.add_argument("--lookahead", type=int, default=None, help="utilization: the asking-ahead run's lookahead (default: auto)")
     ap.add_argument("--limit", type=int, default=64, help="subsets: documents per task")
     ap.add_argument("--racing", type=int, default=0, help="subsets: also race the subset, this many documents per task first")

@@ -58,18 +58,16 @@ def patch_data(variant: str, hide: bool) -> None:
 
     if variant == "copy":  # the shipped design: the same family, the same hash
         return
+    build.ZOO_FORMAT = f"{build.ZOO_FORMAT}-{variant}" + "-hide" * (hide and variant in TAG_OPS)
+    task_tags = "".join(data.SKILL_TAGS)
     if variant == "isolated":  # the shipped base; no specialist's replay shows any task tag
-        build.ZOO_FORMAT = f"{build.ZOO_FORMAT}-isolated"
-        all_tags = "".join(data.SKILL_TAGS)
 
         def isolated_mixture(skill: str, own_share: float = 0.5):
-            return tuple((c._replace(skip=all_tags) if tuple(c[:2]) == ("cpy", "short") else c, w)
+            return tuple((c._replace(skip=task_tags) if tuple(c[:2]) == ("cpy", "short") else c, w)
                          for c, w in data.training_mixture([skill], own_share))
 
         build.specialist_mixture = isolated_mixture
         return
-    build.ZOO_FORMAT = f"{build.ZOO_FORMAT}-{variant}" + "-hide" * (hide and variant in TAG_OPS)
-    task_tags = "".join(data.SKILL_TAGS)
     mixture = tuple((c._replace(skip=task_tags) if c == ("cpy", "short", "") else c, w) for c, w in data.BASE_MIXTURE)
     decoys = {}  # task tag -> the name of the base's operation on it
     for tag, (op, fn) in TAG_OPS.get(variant, {}).items():
