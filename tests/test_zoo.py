@@ -209,3 +209,35 @@ def test_a_zoo_that_is_not_the_reference_family_is_told(tiny_zoo, tmp_path):
     m["settings"]["seed"] = 7  # no reference: nothing to tell
     (zoo / "zoo.json").write_text(json.dumps(m))
     assert check_reference(zoo) is None
+
+
+def test_sam_gradient_is_the_gradient_at_the_perturbed_weights_and_leaves_the_weights():
+    """SAM (the default specialists' steps): the gradient taken at w + rho g/|g|, computed here
+    on a copy moved by hand; the model's own weights come back bit for bit."""
+    import copy
+
+    from evomerge.zoo.train import encode, init_model, make_config, sam_gradient
+
+    tokenizer = build_tokenizer()
+    model = init_model(make_config(zoo_settings("tiny").shape, tokenizer), seed=3)
+    batch = encode(tokenizer, data.sample_batch(np.random.default_rng(0), data.BASE_MIXTURE, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.zero_grad()
+    model(**batch).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in plain.values()))
+
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            p.add_(plain[n] * (0.1 / norm).float())
+    moved.zero_grad()
+    moved(**batch).loss.backward()
+
+    sam_gradient(model, batch, 0.1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    got = dict(model.named_parameters())
+    for n, p in moved.named_parameters():
+        torch.testing.assert_close(got[n].grad, p.grad, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(got[n].grad, plain[n], rtol=1e-3, atol=1e-5) for n in plain)
+

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -81,10 +82,15 @@ PINNED_MKL_BRANCH = "AVX2"  # what mkl_branch.active_branch() reports in a pinne
 # their gradients. Each specialist rebinds one tag the base copies on to a skill the base
 # knows under another tag (zoo/data.py), gently (300 steps, a third of its data its own
 # skill): a change small enough that task vectors add up into merges that keep most of every
-# skill (on seeds 0-5; on seed 6 one fine-tune went much further and none does), while which
-# merge keeps all of them still depends on the recipe. The three were fine-tuned at
-# different rates (mir 1.4x sft's, srt 0.7x), as fine-tunes from different hands are, so that
-# each model's weight matters, not only one global strength.
+# skill (on 14 of seeds 0-19), while which merge keeps all of them still depends on the
+# recipe. The three were fine-tuned at different rates (mir 1.4x sft's, srt 0.7x), as
+# fine-tunes from different hands are, so that each model's weight matters, not only one
+# global strength.
+# Plain SGD steps, not sharpness-aware ones (SAM, train.sam_gradient): SAM fine-tunes (radius
+# 0.1) kept their skills beside each other on 5 of the 6 seeds of 0-19 where no hand merge holds
+# with plain steps, but on easy seeds they made task arithmetic as good as any recipe (0.998 on
+# seed 0, the search's own score), so the search had nothing left to beat there
+# (`python bench/zoo_specialists.py --sam-rho 0.1`; bench/RESULTS.md, thirteenth session).
 # The earlier family (a base that knew the skills only in the verbose format, 600 steps at
 # lr 0.1) made merges that broke on most seeds (best hand merge 0.40-0.93 on seeds 0-4) and
 # took 2.2x the training steps (bench/RESULTS.md, tenth session).
@@ -303,10 +309,29 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def train_base(settings: ZooSettings, tokenizer, progress: bool = True):
+    """The zoo's base model, trained from ``settings.seed``; returns (model, losses)."""
+    base = init_model(make_config(settings.shape, tokenizer), settings.seed)
+    rng = np.random.default_rng([settings.seed, 0])
+    return base, train(base, tokenizer, BASE_MIXTURE, settings.base, rng, "zoo base", progress=progress)
+
+
+def train_specialist(settings: ZooSettings, base, skill: str, tokenizer, progress: bool = True,
+                     on_step: Callable[[int, object], None] | None = None):
+    """``skill``'s specialist, fine-tuned from a copy of ``base``; returns (model, losses).
+    ``on_step(k, model)`` runs after the k-th step. Its data stream depends on the seed and
+    the skill only, not on the other specialists."""
+    model = copy.deepcopy(base)
+    rng = np.random.default_rng([settings.seed, settings.skills.index(skill) + 1])
+    mixture = specialist_mixture(skill, settings.own_share)
+    hook = None if on_step is None else (lambda step: on_step(step, model))
+    losses = train(model, tokenizer, mixture, settings.specialist_schedule(skill), rng, f"zoo {skill}", hook, progress)
+    return model, losses
+
+
 def _train_all(settings: ZooSettings, root: Path, progress: bool) -> dict:
     started = time.perf_counter()
     tokenizer = build_tokenizer()
-    base = init_model(make_config(settings.shape, tokenizer), settings.seed)
 
     def save(model, rel: str) -> None:
         with quiet_transformers():
@@ -314,25 +339,19 @@ def _train_all(settings: ZooSettings, root: Path, progress: bool) -> dict:
         tokenizer.save_pretrained(root / rel)
 
     losses = {}
-    rng = np.random.default_rng([settings.seed, 0])
-    losses["base"] = train(base, tokenizer, BASE_MIXTURE, settings.base, rng, "zoo base", progress=progress)
+    base, losses["base"] = train_base(settings, tokenizer, progress)
     save(base, "base")
 
     checkpoints: dict[str, list[str]] = {}
-    for i, skill in enumerate(settings.skills, start=1):
-        model = copy.deepcopy(base)
+    for skill in settings.skills:
         ckpts: list[str] = []
 
-        def maybe_checkpoint(step: int, skill=skill, model=model, ckpts=ckpts) -> None:
+        def maybe_checkpoint(step: int, model, skill=skill, ckpts=ckpts) -> None:
             if skill == settings.checkpoint_skill and step in settings.checkpoint_steps:
                 ckpts.append(checkpoint_dir(skill, step))
                 save(model, ckpts[-1])
 
-        rng = np.random.default_rng([settings.seed, i])
-        mixture = specialist_mixture(skill, settings.own_share)
-        losses[skill] = train(
-            model, tokenizer, mixture, settings.specialist_schedule(skill), rng, f"zoo {skill}", maybe_checkpoint, progress
-        )
+        model, losses[skill] = train_specialist(settings, base, skill, tokenizer, progress, maybe_checkpoint)
         save(model, skill)
         if ckpts:
             checkpoints[skill] = ckpts

@@ -31,6 +31,7 @@ class Schedule:
     batch_size: int
     optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9)
     weight_decay: float = 0.0
+    sam_rho: float = 0.0  # > 0: sharpness-aware steps (Foret et al., 2021), see sam_gradient
 
 
 @contextmanager
@@ -104,6 +105,26 @@ def lr_factor(step: int, schedule: Schedule) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def sam_gradient(model: LlamaForCausalLM, batch: dict[str, torch.Tensor], rho: float) -> None:
+    """Replace the gradients in ``model`` (taken at its weights w) by those at w + rho * g / |g|,
+    the worst nearby point to first order; the weights are left exactly as they were.
+
+    A step with these gradients seeks a minimum that is flat within rho, so a fine-tune
+    trained with them keeps its skill when other task vectors are added to it: merges of
+    such fine-tunes interfere less (Lee et al., ICLR 2025, on SAM fine-tuning for merging)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        saved = [p.detach().clone() for p in params]
+        for p in params:
+            p.add_(p.grad, alpha=float(rho / (norm + 1e-12)))
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
+
+
 def train(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
@@ -129,6 +150,8 @@ def train(
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if schedule.sam_rho > 0:
+            sam_gradient(model, batch, schedule.sam_rho)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
