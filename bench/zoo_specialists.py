@@ -1,19 +1,19 @@
 """The zoo's specialists fine-tuned another way, on the same bases: does a change hold more seeds?
 
-    python bench/zoo_specialists.py [--seeds 6 8] [--sam-rho 0.1] [--search] [--bases runs/zoo_seeds]
-                                    [--root runs/zoo_specialists] [--threads 2]
+    python bench/zoo_specialists.py [--seeds 6 8] [--sam-rho 0.1] [--soup 2] [--search]
+                                    [--bases runs/zoo_seeds] [--root runs/zoo_specialists] [--threads 2]
 
 A change to how the specialists fine-tune leaves every seed's base as it was, so this script
 takes each seed's base from a built zoo (BASES/seedN, when its settings name the same base;
 otherwise it trains it, as `evomerge zoo build` does, and keeps it under ROOT/bases), fine-tunes
 the three specialists with the default preset's settings, optionally with sharpness-aware steps
-of radius `--sam-rho` (train.sam_gradient), pinned like a build, and prints per seed
+of another radius `--sam-rho` (train.sam_gradient; 0: plain SGD steps) or each as the uniform
+soup of `--soup K` fine-tunes on K data streams, pinned like a build, and prints per seed
 zoo_seeds.py's bars and each pair of specialists summed (task arithmetic, lambda 1: the pair's
 two own-skill test scores); with --search also the default search's best test mean and whether
 it beats every hand merge, the uniform merge and every source (zoo_seeds.py's bar). With the
 preset's own settings the specialists are `evomerge zoo build`'s, bit for bit. ~2.5 min per seed
-on 2 cores (+2.3 min for a base it trains, +2 min for a search).
-"""
+on 2 cores (+2.3 min for a base it trains, +2 min for a search)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def base_of(zoo: Path, seed: int) -> bool:
     return same and m.get("format") == ZOO_FORMAT and (zoo / "base" / "config.json").is_file()
 
 
-def _child(out: Path, seed: int, rho: float, bases: Path, threads: int) -> None:
-    """In the pinned child: the base (found or trained), then the three specialists."""
+def _child(out: Path, seed: int, rho: float, bases: Path, threads: int, soup: int) -> None:
+    """In the pinned child: the base (found or trained), then the three specialists (each the
+    uniform soup of ``soup`` fine-tunes on data streams 0..soup-1; stream 0 is the build's)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -79,7 +80,12 @@ def _child(out: Path, seed: int, rho: float, bases: Path, threads: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for skill in s.skills:
         if not (out / skill / "config.json").is_file():
-            save(train_specialist(s, base, skill, tokenizer, progress=False)[0], out / skill)
+            models = [train_specialist(s, base, skill, tokenizer, progress=False, stream=k)[0] for k in range(soup)]
+            if soup > 1:
+                with torch.no_grad():
+                    for name, p in models[0].named_parameters():
+                        p.copy_(torch.stack([dict(m.named_parameters())[name] for m in models]).mean(0))
+            save(models[0], out / skill)
     if not (out / "base").exists():
         os.symlink(base_dir.resolve(), out / "base")
     manifest = {"models": {"base": "base", **{k: k for k in s.skills}}, "settings": asdict(s), "base_dir": str(base_dir)}
@@ -94,6 +100,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=REPO / "runs" / "zoo_specialists")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--search", action="store_true", help="also run the default search on each seed's family")
+    ap.add_argument("--soup", type=int, default=1, help="each specialist the uniform soup of this many fine-tunes "
+                    "on different data streams (1: the build's own)")
     args = ap.parse_args()
 
     import time
@@ -109,9 +117,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * args.search + "---|")
     held = beaten = 0
     for seed in args.seeds:
-        out = args.root / f"rho{rho:g}" / f"seed{seed}"
+        out = args.root / (f"rho{rho:g}" + (f"-soup{args.soup}" if args.soup > 1 else "")) / f"seed{seed}"
         started = time.perf_counter()
-        run_pinned("zoo_specialists", ["--child", str(out), str(seed), str(rho), str(args.bases), str(args.threads)],
+        run_pinned("zoo_specialists", ["--child", str(out), str(seed), str(rho), str(args.bases), str(args.threads), str(args.soup)],
                    args.threads, False, out)
         took = time.perf_counter() - started
         s = summary(score_zoo(out))
@@ -133,7 +141,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        out, seed, rho, bases, threads = sys.argv[2:7]
-        _child(Path(out), int(seed), float(rho), Path(bases), int(threads))
+        out, seed, rho, bases, threads, soup = sys.argv[2:8]
+        _child(Path(out), int(seed), float(rho), Path(bases), int(threads), int(soup))
     else:
         main()

@@ -212,7 +212,7 @@ def test_a_zoo_that_is_not_the_reference_family_is_told(tiny_zoo, tmp_path):
 
 
 def test_sam_gradient_is_the_gradient_at_the_perturbed_weights_and_leaves_the_weights():
-    """SAM (Schedule.sam_rho; off in every preset, bench/zoo_specialists.py turns it on): the
+    """SAM (Schedule.sam_rho: the default preset's specialists, off in the tiny preset): the
     gradient taken at w + rho g/|g|, computed here on a copy moved by hand; the model's own
     weights come back bit for bit."""
     import copy

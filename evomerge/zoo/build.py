@@ -82,15 +82,15 @@ PINNED_MKL_BRANCH = "AVX2"  # what mkl_branch.active_branch() reports in a pinne
 # their gradients. Each specialist rebinds one tag the base copies on to a skill the base
 # knows under another tag (zoo/data.py), gently (300 steps, a third of its data its own
 # skill): a change small enough that task vectors add up into merges that keep most of every
-# skill (on 14 of seeds 0-19), while which merge keeps all of them still depends on the
-# recipe. The three were fine-tuned at different rates (mir 1.4x sft's, srt 0.7x), as
-# fine-tunes from different hands are, so that each model's weight matters, not only one
-# global strength.
-# Plain SGD steps, not sharpness-aware ones (SAM, train.sam_gradient): SAM fine-tunes (radius
-# 0.1) kept their skills beside each other on 5 of the 6 seeds of 0-19 where no hand merge holds
-# with plain steps, but on easy seeds they made task arithmetic as good as any recipe (0.998 on
-# seed 0, the search's own score), so the search had nothing left to beat there
-# (`python bench/zoo_specialists.py --sam-rho 0.1`; bench/RESULTS.md, thirteenth session).
+# skill, while which merge keeps all of them still depends on the recipe. The three were
+# fine-tuned at different rates (mir 1.4x sft's, srt 0.7x), as fine-tunes from different
+# hands are, so that each model's weight matters, not only one global strength.
+# The steps are sharpness-aware (SAM, train.sam_gradient), radius 0.05: a specialist in a flat
+# minimum keeps its skill when the others' task vectors are added, so a hand merge holds on 17
+# of seeds 0-19 (plain steps: 14; two specialists' rebindings collided on the others). Radius
+# 0.1 held 17 of the 18 measured but made task arithmetic as good as any recipe on seed 0 (0.998, the
+# search's own score), leaving the search nothing to beat (`python bench/zoo_specialists.py
+# --sam-rho R`; bench/RESULTS.md, thirteenth and fourteenth sessions).
 # The earlier family (a base that knew the skills only in the verbose format, 600 steps at
 # lr 0.1) made merges that broke on most seeds (best hand merge 0.40-0.93 on seeds 0-4) and
 # took 2.2x the training steps (bench/RESULTS.md, tenth session).
@@ -100,7 +100,7 @@ PRESETS: dict[str, ZooSettings] = {
         preset="default",
         shape=ModelShape(hidden=128, layers=4, intermediate=384, heads=4),
         base=Schedule(steps=1500, lr=3e-3, warmup=100, batch_size=64),
-        specialist=Schedule(steps=300, lr=0.03, warmup=30, batch_size=64, optimizer="sgd"),
+        specialist=Schedule(steps=300, lr=0.03, warmup=30, batch_size=64, optimizer="sgd", sam_rho=0.05),
         own_share=0.35,
         skills=tuple(SKILLS),
         specialist_lr=(0.042, 0.03, 0.021),
@@ -209,12 +209,12 @@ def weights_digest(zoo: Path, manifest: dict) -> str:
 
 
 # The families trained under PINNED_ENV; the default one is what the README and
-# docs/methods.md report. This family (ZOO_FORMAT 5) was trained on an Intel Xeon (Sapphire
-# Rapids, 2026-12-06, with 1 and 2 threads); the pin itself gave the same bits on an Intel Xeon
-# and an AMD EPYC with the vendor shim for the format before (bench/RESULTS.md, ninth session)
-# and gives the same 60-step digest here (`python bench/bench_zoo_pin.py`, tenth session).
+# docs/methods.md report. This one (sharpness-aware specialists) was trained on an AMD EPYC
+# (Zen 4, 2026-12-07); the pin gave the plain-SGD family before it (743501434c91...) the same
+# bits on an Intel Xeon (Sapphire Rapids) and this AMD EPYC, and the formats before that the
+# same bits on an Intel Xeon and an AMD EPYC (bench/RESULTS.md, ninth to twelfth sessions).
 REFERENCE_WEIGHTS = {
-    ("default", 0): "743501434c91ddac9c298540d43e17ddf024f5de480a3470ad1e81c66fb97303",
+    ("default", 0): "31ffd014676725263b8e8bb7cef925daf9e21552939e578be0ae9217606bf62b",
     ("tiny", 0): "4f1e5b7684371f35172a802cebc73f9a3d2bca0d2ada4267de861a7af1047118",
 }
 
@@ -317,12 +317,12 @@ def train_base(settings: ZooSettings, tokenizer, progress: bool = True):
 
 
 def train_specialist(settings: ZooSettings, base, skill: str, tokenizer, progress: bool = True,
-                     on_step: Callable[[int, object], None] | None = None):
+                     on_step: Callable[[int, object], None] | None = None, stream: int = 0):
     """``skill``'s specialist, fine-tuned from a copy of ``base``; returns (model, losses).
-    ``on_step(k, model)`` runs after the k-th step. Its data stream depends on the seed and
-    the skill only, not on the other specialists."""
+    ``on_step(k, model)`` runs after the k-th step. Its data stream depends on the seed, the
+    skill and ``stream`` only (0: the build's), not on the other specialists."""
     model = copy.deepcopy(base)
-    rng = np.random.default_rng([settings.seed, settings.skills.index(skill) + 1])
+    rng = np.random.default_rng([settings.seed, settings.skills.index(skill) + 1] + ([stream] if stream else []))
     mixture = specialist_mixture(skill, settings.own_share)
     hook = None if on_step is None else (lambda step: on_step(step, model))
     losses = train(model, tokenizer, mixture, settings.specialist_schedule(skill), rng, f"zoo {skill}", hook, progress)

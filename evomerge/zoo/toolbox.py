@@ -79,9 +79,11 @@ def swa_dir(step: int) -> str:
 
 def _preset(zoo_preset: str, ingredients, swa_steps: int, swa_every: int, pair: Schedule) -> ToolboxSettings:
     spec = ZOO_PRESETS[zoo_preset].specialist_schedule("mir")
+    # The SWA run takes plain steps, not the zoo's sharpness-aware ones: averaging its iterates
+    # is the flat-minimum method it shows. (The soup ingredients train as the zoo's mir does.)
     return ToolboxSettings(
         preset=zoo_preset, skill="mir", ingredients=ingredients,
-        swa=replace(spec, steps=swa_steps), swa_every=swa_every, swa_from=swa_steps // 2,
+        swa=replace(spec, steps=swa_steps, sam_rho=0.0), swa_every=swa_every, swa_from=swa_steps // 2,
         pair=pair, pair_seeds=(1, 2), pair_own_share=0.5,
     )
 
