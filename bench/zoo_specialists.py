@@ -82,9 +82,10 @@ def _child(out: Path, seed: int, rho: float, bases: Path, threads: int, soup: in
         if not (out / skill / "config.json").is_file():
             models = [train_specialist(s, base, skill, tokenizer, progress=False, stream=k)[0] for k in range(soup)]
             if soup > 1:
+                params = [dict(m.named_parameters()) for m in models]
                 with torch.no_grad():
-                    for name, p in models[0].named_parameters():
-                        p.copy_(torch.stack([dict(m.named_parameters())[name] for m in models]).mean(0))
+                    for name, p in params[0].items():
+                        p.copy_(torch.stack([q[name] for q in params]).mean(0))
             save(models[0], out / skill)
     if not (out / "base").exists():
         os.symlink(base_dir.resolve(), out / "base")

@@ -88,9 +88,9 @@ PINNED_MKL_BRANCH = "AVX2"  # what mkl_branch.active_branch() reports in a pinne
 # The steps are sharpness-aware (SAM, train.sam_gradient), radius 0.05: a specialist in a flat
 # minimum keeps its skill when the others' task vectors are added, so a hand merge holds on 17
 # of seeds 0-19 (plain steps: 14; two specialists' rebindings collided on the others). Radius
-# 0.1 held 17 of the 18 measured but made task arithmetic as good as any recipe on seed 0 (0.998, the
-# search's own score), leaving the search nothing to beat (`python bench/zoo_specialists.py
-# --sam-rho R`; bench/RESULTS.md, thirteenth and fourteenth sessions).
+# 0.1 held 17 of the 18 measured but made task arithmetic as good as any recipe on seed 0
+# (0.998, the search's own score), leaving the search nothing to beat
+# (`python bench/zoo_specialists.py --sam-rho R`; bench/RESULTS.md, 13th and 14th sessions).
 # The earlier family (a base that knew the skills only in the verbose format, 600 steps at
 # lr 0.1) made merges that broke on most seeds (best hand merge 0.40-0.93 on seeds 0-4) and
 # took 2.2x the training steps (bench/RESULTS.md, tenth session).
