@@ -1,19 +1,22 @@
 """The zoo's specialists fine-tuned another way, on the same bases: does a change hold more seeds?
 
-    python bench/zoo_specialists.py [--seeds 6 8] [--sam-rho 0.1] [--soup 2] [--search]
-                                    [--bases runs/zoo_seeds] [--root runs/zoo_specialists] [--threads 2]
+    python bench/zoo_specialists.py [--seeds 6 8] [--sam-rho 0.1] [--soup 2] [--own-share 0.5]
+                                    [--steps 400] [--lr-scale 0.75] [--replay-copy own] [--copy-scale 0.5]
+                                    [--search] [--bases runs/zoo_seeds] [--root runs/zoo_specialists] [--threads 2]
 
 A change to how the specialists fine-tune leaves every seed's base as it was, so this script
 takes each seed's base from a built zoo (BASES/seedN, when its settings name the same base;
 otherwise it trains it, as `evomerge zoo build` does, and keeps it under ROOT/bases), fine-tunes
-the three specialists with the default preset's settings, optionally with sharpness-aware steps
-of another radius `--sam-rho` (train.sam_gradient; 0: plain SGD steps) or each as the uniform
-soup of `--soup K` fine-tunes on K data streams, pinned like a build, and prints per seed
+the three specialists with the default preset's settings, changed where an option says (the
+SAM radius, 0 for plain SGD steps; each specialist the uniform soup of K fine-tunes on K data
+streams; its own share of the data; its steps; its rates; the copying in its replay, see
+patch_replay), pinned like a build, into ROOT/<variant>/seedN, and prints per seed
 zoo_seeds.py's bars and each pair of specialists summed (task arithmetic, lambda 1: the pair's
 two own-skill test scores); with --search also the default search's best test mean and whether
 it beats every hand merge, the uniform merge and every source (zoo_seeds.py's bar). With the
 preset's own settings the specialists are `evomerge zoo build`'s, bit for bit. ~2.5 min per seed
-on 2 cores (+2.3 min for a base it trains, +2 min for a search)."""
+on 2 cores (+2.3 min for a base it trains, +2 min for a search); two runs side by side at
+--threads 1 train two seeds in ~3 min."""
 
 from __future__ import annotations
 
@@ -28,11 +31,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def settings(seed: int, rho: float | None):
+def settings(seed: int, rho: float | None, own_share: float | None = None, steps: int | None = None,
+             lr_scale: float = 1.0):
+    """The default preset's settings for ``seed``, the specialists' changed where an argument says.
+    ``steps`` scales the warm-up alike; ``lr_scale`` multiplies every specialist's rate."""
     from evomerge.zoo.build import zoo_settings
 
     s = zoo_settings("default", seed)
-    return s if rho is None else replace(s, specialist=replace(s.specialist, sam_rho=rho))
+    spec = s.specialist if rho is None else replace(s.specialist, sam_rho=rho)
+    if steps is not None:
+        spec = replace(spec, steps=steps, warmup=round(spec.warmup * steps / spec.steps))
+    return replace(s, specialist=spec, own_share=s.own_share if own_share is None else own_share,
+                   specialist_lr=tuple(lr * lr_scale for lr in s.specialist_lr))
 
 
 def base_of(zoo: Path, seed: int) -> bool:
@@ -51,18 +61,57 @@ def base_of(zoo: Path, seed: int) -> bool:
     return same and m.get("format") == ZOO_FORMAT and (zoo / "base" / "config.json").is_file()
 
 
-def _child(out: Path, seed: int, rho: float, bases: Path, threads: int, soup: int) -> None:
+def patch_replay(copy_on: str, scale: float) -> None:
+    """In the child: change the copying in the short format in each specialist's replay.
+
+    ``copy_on="others"`` (the preset's): on every free tag but the specialist's own, over every
+    alphabet; ``"own"``: only on its own tag, over the other skills' alphabets (where its own
+    operation leaves an input as it is: mirror and shift are the identity there; sorting is
+    taken to sort its own alphabet only), so no specialist is trained on another's tag.
+    ``scale`` multiplies that component's weight (0: no copying in the replay)."""
+    from evomerge.zoo import build, data
+
+    if (copy_on, scale) == ("others", 1.0):
+        return
+    mixture = build.specialist_mixture
+
+    def patched(skill: str, share: float):
+        out = []
+        for c, w in mixture(skill, share):
+            if (c.name, c.fmt) == ("cpy", "short"):
+                c, w = (c if copy_on == "others" else c._replace(name=f"idle_{skill}")), w * scale
+            if w > 0:
+                out.append((c, w))
+        return tuple(out)
+
+    sample_text = data.sample_text
+
+    def sample(rng, component):
+        if not component.name.startswith("idle_"):
+            return sample_text(rng, component)
+        own = data.SKILLS[component.name.removeprefix("idle_")]
+        others = [k.alphabet for k in data.SKILLS.values() if k is not own]
+        x = data._input(rng, others[int(rng.integers(len(others)))], hide=True)
+        return f"{own.short_tag}:{x}>{x}"
+
+    build.specialist_mixture, data.sample_text = patched, sample
+
+
+def _child(out: Path, seed: int, bases: Path, threads: int, opts: dict) -> None:
     """In the pinned child: the base (found or trained), then the three specialists (each the
     uniform soup of ``soup`` fine-tunes on data streams 0..soup-1; stream 0 is the build's)."""
     import torch
     from transformers import LlamaForCausalLM
 
+    from evomerge.zoo import build
     from evomerge.zoo.build import check_mkl_branch, quiet_transformers, train_base, train_specialist
     from evomerge.zoo.tokenizer import build_tokenizer
 
     check_mkl_branch()
     torch.set_num_threads(threads)
-    s, tokenizer = settings(seed, rho), build_tokenizer()
+    soup = opts.pop("soup")
+    patch_replay(opts.pop("replay_copy"), opts.pop("copy_scale"))
+    s, tokenizer = settings(seed, **opts), build_tokenizer()
 
     def save(model, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -103,6 +152,13 @@ def main() -> None:
     ap.add_argument("--search", action="store_true", help="also run the default search on each seed's family")
     ap.add_argument("--soup", type=int, default=1, help="each specialist the uniform soup of this many fine-tunes "
                     "on different data streams (1: the build's own)")
+    ap.add_argument("--own-share", type=float, default=None, help="share of each specialist's own skill in its data (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=None, help="specialist steps, warm-up scaled alike (default: the preset's)")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every specialist's learning rate")
+    ap.add_argument("--replay-copy", choices=["others", "own"], default="others",
+                    help="copying in the short format in each specialist's replay: on every tag but its own (the "
+                    "preset's), or on its own tag over the other skills' alphabets (patch_replay)")
+    ap.add_argument("--copy-scale", type=float, default=1.0, help="scales the weight of that copying (0: none)")
     args = ap.parse_args()
 
     import time
@@ -112,15 +168,26 @@ def main() -> None:
     from zoo_tag_variants import pair_scores
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH")]))
-    rho = settings(0, args.sam_rho).specialist.sam_rho
+    s0 = settings(0, args.sam_rho, args.own_share, args.steps, args.lr_scale)
+    rho, default = s0.specialist.sam_rho, settings(0, None)
+    variant = (f"rho{rho:g}" + (f"-soup{args.soup}" if args.soup > 1 else "")
+               + (f"-own{s0.own_share:g}" if s0.own_share != default.own_share else "")
+               + (f"-steps{s0.specialist.steps}" if s0.specialist.steps != default.specialist.steps else "")
+               + (f"-lr{args.lr_scale:g}x" if args.lr_scale != 1.0 else "")
+               + ("-owncopy" if args.replay_copy == "own" else "")
+               + (f"-copy{args.copy_scale:g}x" if args.copy_scale != 1.0 else ""))
+    opts = {"rho": rho, "own_share": s0.own_share, "steps": s0.specialist.steps, "lr_scale": args.lr_scale,
+            "soup": args.soup, "replay_copy": args.replay_copy,
+            "copy_scale": args.copy_scale}
+    print(f"variant {variant}")
     print("| seed | SAM rho | specialist own (min) | specialist other (max) | uniform | best hand merge | holds "
           "| mir+sft | mir+srt | sft+srt |" + " search | beats |" * args.search + " trained in |")
     print("|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * args.search + "---|")
     held = beaten = 0
     for seed in args.seeds:
-        out = args.root / (f"rho{rho:g}" + (f"-soup{args.soup}" if args.soup > 1 else "")) / f"seed{seed}"
+        out = args.root / variant / f"seed{seed}"
         started = time.perf_counter()
-        run_pinned("zoo_specialists", ["--child", str(out), str(seed), str(rho), str(args.bases), str(args.threads), str(args.soup)],
+        run_pinned("zoo_specialists", ["--child", str(out), str(seed), str(args.bases), str(args.threads), json.dumps(opts)],
                    args.threads, False, out)
         took = time.perf_counter() - started
         s = summary(score_zoo(out))
@@ -142,7 +209,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        out, seed, rho, bases, threads, soup = sys.argv[2:8]
-        _child(Path(out), int(seed), float(rho), Path(bases), int(threads), int(soup))
+        out, seed, bases, threads, opts = sys.argv[2:7]
+        _child(Path(out), int(seed), Path(bases), int(threads), json.loads(opts))
     else:
         main()
