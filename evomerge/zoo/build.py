@@ -210,9 +210,10 @@ def weights_digest(zoo: Path, manifest: dict) -> str:
 
 # The families trained under PINNED_ENV; the default one is what the README and
 # docs/methods.md report. This one (sharpness-aware specialists) was trained on an AMD EPYC
-# (Zen 4, 2026-12-07); the pin gave the plain-SGD family before it (743501434c91...) the same
-# bits on an Intel Xeon (Sapphire Rapids) and this AMD EPYC, and the formats before that the
-# same bits on an Intel Xeon and an AMD EPYC (bench/RESULTS.md, ninth to twelfth sessions).
+# Zen 4 (AVX-512) and again, bit for bit, on a Zen 3 (AVX2 only), both 2026-12-07; the pin
+# gave the plain-SGD family before it (743501434c91...) the same bits on an Intel Xeon
+# (Sapphire Rapids) and that Zen 4, and the formats before that the same bits on an Intel
+# Xeon and an AMD EPYC (bench/RESULTS.md, ninth to twelfth and sixteenth sessions).
 REFERENCE_WEIGHTS = {
     ("default", 0): "31ffd014676725263b8e8bb7cef925daf9e21552939e578be0ae9217606bf62b",
     ("tiny", 0): "4f1e5b7684371f35172a802cebc73f9a3d2bca0d2ada4267de861a7af1047118",
