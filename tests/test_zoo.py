@@ -154,7 +154,8 @@ def test_manifest_is_json_with_settings(tiny_zoo):
 def test_builds_run_pinned_and_reproduce_for_any_thread_count(tiny_zoo, tmp_path):
     """The build's child runs torch's AVX2 kernels and MKL's AVX2 branch (STRICT) on any AVX2 CPU,
     AVX-512 and other vendors' included (the vendor shim: a C compiler is on CI's machine); a
-    build with another thread count is the same zoo, bit for bit."""
+    build with another thread count is the same zoo, bit for bit: with one thread its
+    specialists fine-tune one after another, with two side by side, a process each."""
     from evomerge.zoo.build import PINNED_ENV, PINNED_MKL_BRANCH, pinnable, read_manifest, weights_digest
 
     manifest = read_manifest(tiny_zoo)
@@ -166,6 +167,21 @@ def test_builds_run_pinned_and_reproduce_for_any_thread_count(tiny_zoo, tmp_path
     assert one["threads"] == 1 and manifest["threads"] == 2
     assert one["hash"] == manifest["hash"]
     assert one["weights_sha256"] == manifest["weights_sha256"] == weights_digest(tiny_zoo, manifest)
+
+
+def test_a_specialist_that_fails_fails_the_build_with_its_reason(tmp_path):
+    """A fine-tune's child that dies (here: a base file that is no safetensors) stops the build
+    with that child's last line, and leaves no child running."""
+    import psutil
+
+    from evomerge.errors import UserError
+    from evomerge.zoo.build import _train_specialists, zoo_settings
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match=r"zoo build failed \((mir|sft|srt)\): .*"):
+        _train_specialists(zoo_settings("tiny"), tmp_path, progress=False, threads=2)
+    assert not psutil.Process().children(recursive=True)
 
 
 def test_mkl_reports_its_branch_and_the_vendor_shim_builds(tmp_path):

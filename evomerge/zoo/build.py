@@ -157,9 +157,10 @@ def build_zoo(
 ) -> Path:
     """Build (or find cached) the zoo under ``out_dir``; returns its path.
 
-    ``threads``: torch's thread count for training (default 2: ~1.7x faster than one on an
-    idle 2-core machine; on a busy one they spin against each other). Pinned, the weights do
-    not depend on it.
+    ``threads``: the cores training may use (default 2; on a busy machine threads spin against
+    each other): the base trains with that many torch threads, then with more than one the
+    specialists train side by side, a process each (_train_specialists), one after another
+    otherwise. Pinned, the weights do not depend on it.
     """
     settings = zoo_settings(preset, seed)
     threads = 2 if threads is None else threads
@@ -180,7 +181,7 @@ def build_zoo(
     try:
         branch = check_mkl_branch()
         with torch_threads(threads):
-            manifest = _train_all(settings, tmp, progress)
+            manifest = _train_all(settings, tmp, progress, threads)
         manifest["hash"] = digest
         manifest["cpu_capability"] = torch_capability()  # AVX2 when pinned, whatever the CPU
         manifest["pinned_env"] = {k: os.environ[k] for k in PINNED_ENV if k in os.environ}
@@ -254,9 +255,23 @@ def _build_in_child(out: Path, seed: int, preset: str, threads: int, progress: b
 
 
 def run_pinned(module: str, args: list[str], threads: int, progress: bool, out: Path) -> Path:
-    """Run ``python -m module args`` in a child started with PINNED_ENV (see there; with the
-    MKL vendor shim on a non-Intel CPU); the child's last stderr line becomes the error when it fails."""
+    """Run ``python -m module args`` in a child started with pinned_env(threads); the child's
+    last stderr line becomes the error when it fails."""
+    cmd = [sys.executable, "-m", module, *args] + ([] if progress else ["--quiet"])
+    done = subprocess.run(cmd, env=pinned_env(threads), stdout=subprocess.DEVNULL,
+                          stderr=None if progress else subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        said = (done.stderr or "").strip().splitlines()
+        raise UserError(f"zoo build failed: {said[-1] if said else f'exit code {done.returncode}'}")
+    return out
+
+
+def pinned_env(threads: int) -> dict[str, str]:
+    """This process's environment with PINNED_ENV (see there; with the MKL vendor shim preloaded
+    on a non-Intel CPU) and ``threads`` threads, for a child that trains; in such a child, its own."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if in_build_env():
+        return env
     if pinnable():
         env.update(PINNED_ENV)
         if cpu_vendor() != "GenuineIntel":
@@ -269,12 +284,7 @@ def run_pinned(module: str, args: list[str], threads: int, progress: bool, out: 
         print("evomerge: warning: this CPU has no AVX2, so this zoo will not be bit-identical to other machines' "
               "(the README's toy results may not hold here)", file=sys.stderr)
         env[_UNPINNED] = "1"
-    cmd = [sys.executable, "-m", module, *args] + ([] if progress else ["--quiet"])
-    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        said = (done.stderr or "").strip().splitlines()
-        raise UserError(f"zoo build failed: {said[-1] if said else f'exit code {done.returncode}'}")
-    return out
+    return env
 
 
 def check_mkl_branch() -> str:
@@ -318,7 +328,7 @@ def train_base(settings: ZooSettings, tokenizer, progress: bool = True):
 
 
 def train_specialist(settings: ZooSettings, base, skill: str, tokenizer, progress: bool = True,
-                     on_step: Callable[[int, object], None] | None = None, stream: int = 0):
+                     on_step: Callable[[int, object], None] | None = None, stream: int = 0, position: int = 0):
     """``skill``'s specialist, fine-tuned from a copy of ``base``; returns (model, losses).
     ``on_step(k, model)`` runs after the k-th step. Its data stream depends on the seed, the
     skill and ``stream`` only (0: the build's), not on the other specialists."""
@@ -326,45 +336,107 @@ def train_specialist(settings: ZooSettings, base, skill: str, tokenizer, progres
     rng = np.random.default_rng([settings.seed, settings.skills.index(skill) + 1] + ([stream] if stream else []))
     mixture = specialist_mixture(skill, settings.own_share)
     hook = None if on_step is None else (lambda step: on_step(step, model))
-    losses = train(model, tokenizer, mixture, settings.specialist_schedule(skill), rng, f"zoo {skill}", hook, progress)
+    losses = train(model, tokenizer, mixture, settings.specialist_schedule(skill), rng, f"zoo {skill}", hook, progress,
+                   position=position)
     return model, losses
 
 
-def _train_all(settings: ZooSettings, root: Path, progress: bool) -> dict:
+def _save(model, tokenizer, root: Path, rel: str) -> None:
+    with quiet_transformers():
+        model.save_pretrained(root / rel)
+    tokenizer.save_pretrained(root / rel)
+
+
+def _checkpoints(settings: ZooSettings) -> dict[str, list[str]]:
+    """The checkpoint dirs the build saves along its checkpoint skill's fine-tune."""
+    steps = [k for k in settings.checkpoint_steps if k <= settings.specialist_schedule(settings.checkpoint_skill).steps]
+    return {settings.checkpoint_skill: [checkpoint_dir(settings.checkpoint_skill, k) for k in steps]} if steps else {}
+
+
+def _train_all(settings: ZooSettings, root: Path, progress: bool, threads: int) -> dict:
     started = time.perf_counter()
     tokenizer = build_tokenizer()
-
-    def save(model, rel: str) -> None:
-        with quiet_transformers():
-            model.save_pretrained(root / rel)
-        tokenizer.save_pretrained(root / rel)
-
     losses = {}
     base, losses["base"] = train_base(settings, tokenizer, progress)
-    save(base, "base")
-
-    checkpoints: dict[str, list[str]] = {}
-    for skill in settings.skills:
-        ckpts: list[str] = []
-
-        def maybe_checkpoint(step: int, model, skill=skill, ckpts=ckpts) -> None:
-            if skill == settings.checkpoint_skill and step in settings.checkpoint_steps:
-                ckpts.append(checkpoint_dir(skill, step))
-                save(model, ckpts[-1])
-
-        model, losses[skill] = train_specialist(settings, base, skill, tokenizer, progress, maybe_checkpoint)
-        save(model, skill)
-        if ckpts:
-            checkpoints[skill] = ckpts
-
+    _save(base, tokenizer, root, "base")
+    losses.update(_train_specialists(settings, root, progress, threads))
     return {
         "settings": asdict(settings),
         "format": ZOO_FORMAT,
         "models": {"base": "base", **{s: s for s in settings.skills}},
-        "checkpoints": checkpoints,
+        "checkpoints": _checkpoints(settings),
         "final_loss": {k: float(np.mean(v[-50:])) for k, v in losses.items()},
         "build_s": round(time.perf_counter() - started, 1),
     }
+
+
+def _train_specialists(settings: ZooSettings, root: Path, progress: bool, threads: int,
+                       jobs: int | None = None) -> dict[str, list[float]]:
+    """Fine-tune the specialists from ``root/base``, each in its own child process (this one's
+    pinned environment), ``jobs`` at a time (default: all of them when ``threads`` > 1), each
+    with ``threads // jobs`` threads (at least one); returns each one's losses.
+
+    Why processes: these models are too small for a second thread to halve a step, while a
+    second process at one thread nearly doubles the steps done, so side by side the three
+    fine-tunes finish well before they would one after another at two threads (`python
+    bench/bench_zoo_build.py`, bench/RESULTS.md). Each depends on the base and its own data
+    stream only, and the pinned kernels give the same bits for any thread count, so the zoo is
+    the same either way."""
+    jobs = jobs or (len(settings.skills) if threads > 1 else 1)
+    per_job = max(1, threads // jobs)
+    env = pinned_env(per_job)
+    pending = list(enumerate(settings.skills))
+    running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    losses: dict[str, list[float]] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, skill = pending.pop(0)
+                err = root / f".{skill}.stderr"
+                cmd = [sys.executable, "-m", "evomerge.zoo.build", str(root), "--seed", str(settings.seed),
+                       "--preset", settings.preset, "--threads", str(per_job), "--specialist", skill,
+                       "--position", str(i if jobs > 1 else 0)] + ([] if progress else ["--quiet"])
+                with open(err, "w") as fh:
+                    running[skill] = (subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                                       stderr=None if progress else fh), err)
+            for skill, (proc, err) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[skill]
+                said = err.read_text().strip().splitlines()
+                err.unlink()
+                if proc.returncode != 0:
+                    raise UserError(f"zoo build failed ({skill}): {said[-1] if said else f'exit code {proc.returncode}'}")
+                losses[skill] = json.loads((root / f".{skill}.losses.json").read_text())
+                (root / f".{skill}.losses.json").unlink()
+            time.sleep(0.2)
+    finally:
+        for proc, err in running.values():
+            proc.kill()
+            proc.wait()
+            err.unlink()
+    return {skill: losses[skill] for skill in settings.skills}
+
+
+def _fine_tune_one(root: Path, seed: int, preset: str, skill: str, progress: bool, position: int) -> None:
+    """A child of _train_specialists: ``skill``'s specialist from ``root/base`` into ``root/skill``,
+    its checkpoints beside it, its losses in ``root/.skill.losses.json``."""
+    from safetensors.torch import load_file
+
+    settings = zoo_settings(preset, seed)
+    tokenizer = build_tokenizer()
+    base = init_model(make_config(settings.shape, tokenizer), settings.seed)
+    base.load_state_dict(load_file(root / "base" / "model.safetensors"), strict=True)
+    base.eval()  # as train_base leaves it
+    saves = set(_checkpoints(settings).get(skill, []))
+
+    def maybe_checkpoint(step: int, model) -> None:
+        if checkpoint_dir(skill, step) in saves:
+            _save(model, tokenizer, root, checkpoint_dir(skill, step))
+
+    model, losses = train_specialist(settings, base, skill, tokenizer, progress, maybe_checkpoint, position=position)
+    _save(model, tokenizer, root, skill)
+    (root / f".{skill}.losses.json").write_text(json.dumps(losses))
 
 
 def _main() -> None:
@@ -377,10 +449,16 @@ def _main() -> None:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--specialist", help=argparse.SUPPRESS)  # one fine-tune of _train_specialists
+    ap.add_argument("--position", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not in_build_env():
         raise SystemExit("run `evomerge zoo build`, which starts this with the pinned environment")
     try:
+        if args.specialist:
+            with torch_threads(args.threads):
+                _fine_tune_one(Path(args.out_dir), args.seed, args.preset, args.specialist, not args.quiet, args.position)
+            return
         build_zoo(args.out_dir, seed=args.seed, preset=args.preset, progress=not args.quiet, threads=args.threads)
     except UserError as e:
         raise SystemExit(f"evomerge: error: {e}") from None

@@ -135,16 +135,18 @@ def train(
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
     lr_shape: Callable[[int, Schedule], float] | None = None,
+    position: int = 0,
 ) -> list[float]:
     """Train in place; ``on_step(k)`` runs after the k-th step (1-based). Returns the losses.
 
-    ``lr_shape(step, schedule)``: the learning-rate factor (default: warm-up, cosine decay)."""
+    ``lr_shape(step, schedule)``: the learning-rate factor (default: warm-up, cosine decay).
+    ``position``: the progress bar's line, for runs side by side in one terminal."""
     model.train()
     opt = make_optimizer(model, schedule)
     shape = lr_shape or lr_factor
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: shape(s, schedule))
     losses: list[float] = []
-    bar = progress_bar(range(1, schedule.steps + 1), desc=desc, disable=not progress)
+    bar = progress_bar(range(1, schedule.steps + 1), desc=desc, disable=not progress, position=position)
     for step in bar:
         batch = encode(tokenizer, sample_batch(rng, mixture, schedule.batch_size))
         loss = model(**batch).loss
