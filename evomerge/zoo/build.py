@@ -376,9 +376,9 @@ def _train_specialists(settings: ZooSettings, root: Path, progress: bool, thread
     pinned environment), ``jobs`` at a time (default: all of them when ``threads`` > 1), each
     with ``threads // jobs`` threads (at least one); returns each one's losses.
 
-    Why processes: these models are too small for a second thread to halve a step, while a
-    second process at one thread nearly doubles the steps done, so side by side the three
-    fine-tunes finish well before they would one after another at two threads (`python
+    Why processes: these models are too small for a second torch thread to do much for a step,
+    so three single-thread processes sharing the cores finish well before the three fine-tunes
+    would one after another at two threads (`python
     bench/bench_zoo_build.py`, bench/RESULTS.md). Each depends on the base and its own data
     stream only, and the pinned kernels give the same bits for any thread count, so the zoo is
     the same either way."""
