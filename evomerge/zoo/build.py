@@ -261,9 +261,14 @@ def run_pinned(module: str, args: list[str], threads: int, progress: bool, out: 
     done = subprocess.run(cmd, env=pinned_env(threads), stdout=subprocess.DEVNULL,
                           stderr=None if progress else subprocess.PIPE, text=True)
     if done.returncode != 0:
-        said = (done.stderr or "").strip().splitlines()
-        raise UserError(f"zoo build failed: {said[-1] if said else f'exit code {done.returncode}'}")
+        raise UserError(f"zoo build failed: {_last_line(done.stderr, done.returncode)}")
     return out
+
+
+def _last_line(stderr: str | None, returncode: int) -> str:
+    """What a failed child said last (its error), or its exit code when it said nothing."""
+    said = (stderr or "").strip().splitlines()
+    return said[-1] if said else f"exit code {returncode}"
 
 
 def pinned_env(threads: int) -> dict[str, str]:
@@ -403,10 +408,10 @@ def _train_specialists(settings: ZooSettings, root: Path, progress: bool, thread
                 if proc.poll() is None:
                     continue
                 del running[skill]
-                said = err.read_text().strip().splitlines()
+                said = err.read_text()
                 err.unlink()
                 if proc.returncode != 0:
-                    raise UserError(f"zoo build failed ({skill}): {said[-1] if said else f'exit code {proc.returncode}'}")
+                    raise UserError(f"zoo build failed ({skill}): {_last_line(said, proc.returncode)}")
                 losses[skill] = json.loads((root / f".{skill}.losses.json").read_text())
                 (root / f".{skill}.losses.json").unlink()
             time.sleep(0.2)
@@ -427,7 +432,6 @@ def _fine_tune_one(root: Path, seed: int, preset: str, skill: str, progress: boo
     tokenizer = build_tokenizer()
     base = init_model(make_config(settings.shape, tokenizer), settings.seed)
     base.load_state_dict(load_file(root / "base" / "model.safetensors"), strict=True)
-    base.eval()  # as train_base leaves it
     saves = set(_checkpoints(settings).get(skill, []))
 
     def maybe_checkpoint(step: int, model) -> None:
