@@ -1,7 +1,7 @@
 """The zoo's specialists fine-tuned another way, on the same bases: does a change hold more seeds?
 
     python bench/zoo_specialists.py [--seeds 6 8] [--sam-rho 0.1] [--soup 2] [--own-share 0.5]
-                                    [--steps 400] [--lr-scale 0.75] [--replay-copy own] [--copy-scale 0.5]
+                                    [--steps 400] [--lr-scale 0.75] [--replay-copy own|consistent] [--copy-scale 0.5]
                                     [--search] [--bases runs/zoo_seeds] [--root runs/zoo_specialists] [--threads 2]
 
 A change to how the specialists fine-tune leaves every seed's base as it was, so this script
@@ -67,7 +67,10 @@ def patch_replay(copy_on: str, scale: float) -> None:
     ``copy_on="others"`` (the preset's): on every free tag but the specialist's own, over every
     alphabet; ``"own"``: only on its own tag, over the other skills' alphabets (where its own
     operation leaves an input as it is: mirror and shift are the identity there; sorting is
-    taken to sort its own alphabet only), so no specialist is trained on another's tag.
+    taken to sort its own alphabet only), so no specialist is trained on another's tag;
+    ``"consistent"``: on every tag the base copies on, the three skills' included, over every
+    alphabet but that of the skill owning the tag, so no example contradicts any specialist's
+    skill (a merge that kept all three would be right on every example each was trained on).
     ``scale`` multiplies that component's weight (0: no copying in the replay)."""
     from evomerge.zoo import build, data
 
@@ -79,7 +82,8 @@ def patch_replay(copy_on: str, scale: float) -> None:
         out = []
         for c, w in mixture(skill, share):
             if (c.name, c.fmt) == ("cpy", "short"):
-                c, w = (c if copy_on == "others" else c._replace(name=f"idle_{skill}")), w * scale
+                c, w = {"others": c, "own": c._replace(name=f"idle_{skill}"),
+                        "consistent": c._replace(name="cpy_consistent")}[copy_on], w * scale
             if w > 0:
                 out.append((c, w))
         return tuple(out)
@@ -87,6 +91,12 @@ def patch_replay(copy_on: str, scale: float) -> None:
     sample_text = data.sample_text
 
     def sample(rng, component):
+        if component.name == "cpy_consistent":
+            tag = data.COPY_TAGS[int(rng.integers(len(data.COPY_TAGS)))]
+            owner = data.SKILLS.get(data.SKILL_TAGS.get(tag, ""))
+            alphabets = [k.alphabet for k in data.SKILLS.values() if k is not owner]
+            x = data._input(rng, alphabets[int(rng.integers(len(alphabets)))], hide=owner is not None)
+            return f"{tag}:{x}>{x}"
         if not component.name.startswith("idle_"):
             return sample_text(rng, component)
         own = data.SKILLS[component.name.removeprefix("idle_")]
@@ -155,9 +165,10 @@ def main() -> None:
     ap.add_argument("--own-share", type=float, default=None, help="share of each specialist's own skill in its data (default: the preset's)")
     ap.add_argument("--steps", type=int, default=None, help="specialist steps, warm-up scaled alike (default: the preset's)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every specialist's learning rate")
-    ap.add_argument("--replay-copy", choices=["others", "own"], default="others",
+    ap.add_argument("--replay-copy", choices=["others", "own", "consistent"], default="others",
                     help="copying in the short format in each specialist's replay: on every tag but its own (the "
-                    "preset's), or on its own tag over the other skills' alphabets (patch_replay)")
+                    "preset's); on its own tag over the other skills' alphabets; or on every copy tag over every "
+                    "alphabet but that of the tag's skill (patch_replay)")
     ap.add_argument("--copy-scale", type=float, default=1.0, help="scales the weight of that copying (0: none)")
     args = ap.parse_args()
 
@@ -174,7 +185,7 @@ def main() -> None:
                + (f"-own{s0.own_share:g}" if s0.own_share != default.own_share else "")
                + (f"-steps{s0.specialist.steps}" if s0.specialist.steps != default.specialist.steps else "")
                + (f"-lr{args.lr_scale:g}x" if args.lr_scale != 1.0 else "")
-               + ("-owncopy" if args.replay_copy == "own" else "")
+               + {"others": "", "own": "-owncopy", "consistent": "-consistent"}[args.replay_copy]
                + (f"-copy{args.copy_scale:g}x" if args.copy_scale != 1.0 else ""))
     opts = {"rho": rho, "own_share": s0.own_share, "steps": s0.specialist.steps, "lr_scale": args.lr_scale,
             "soup": args.soup, "replay_copy": args.replay_copy,

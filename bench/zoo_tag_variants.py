@@ -1,6 +1,6 @@
 """What the tasks' tags mean in the base, and whether the specialists' merges collide.
 
-    python bench/zoo_tag_variants.py [--variants copy distinct distinct2 shared unseen] [--seeds 6] [--hide]
+    python bench/zoo_tag_variants.py [--variants copy distinct distinct2 shared unseen unseen_base rare] [--seeds 6] [--hide]
                                      [--root runs/zoo_tag_variants]
 
 In the shipped zoo (zoo/data.py) the base copies on every tag that names no operation, the
@@ -15,7 +15,11 @@ the pair's two own-skill test scores), which shows which rebindings collide:
   o rotate right), so no two rebindings start from the same function; ``distinct2``: k rotate
   left, n reverse, o rotate right;
 - ``shared``: k and n both reverse, o rotates right (two rebindings from one function);
-- ``unseen``: the base never sees the task tags;
+- ``unseen``: the base never sees the task tags, nor does any specialist's replay;
+- ``unseen_base``: the base never sees the task tags; each specialist's replay is the
+  shipped one (copying on the other two tasks' tags, which the base never saw);
+- ``rare``: as ``unseen_base``, but the base copies on each task tag at RARE times the rate
+  of any other copy tag (a weak copying prior on them instead of none);
 - ``isolated``: the shipped base; each specialist's replay copies on no task tag, its own or
   the others' (shipped: every tag but its own), so no specialist is trained to hold another's
   tag at copying.
@@ -44,7 +48,8 @@ TAG_OPS = {
     "distinct2": {"k": ROL, "n": REV, "o": ROR},
     "shared": {"k": REV, "n": REV, "o": ROR},
 }
-VARIANTS = ("copy", "distinct", "distinct2", "shared", "unseen", "isolated")
+VARIANTS = ("copy", "distinct", "distinct2", "shared", "unseen", "unseen_base", "rare", "isolated")
+RARE = 0.25  # ``rare``: the base's copying on each task tag, against any other copy tag's
 TAG_OP_SHARE = 0.03  # of the base's data, per task tag (copy on all 21 copy tags is 0.15)
 
 
@@ -60,6 +65,13 @@ def patch_data(variant: str, hide: bool) -> None:
         return
     build.ZOO_FORMAT = f"{build.ZOO_FORMAT}-{variant}" + "-hide" * (hide and variant in TAG_OPS)
     task_tags = "".join(data.SKILL_TAGS)
+    base_only = tuple((c._replace(skip=task_tags) if c == ("cpy", "short", "") else c, w) for c, w in data.BASE_MIXTURE)
+    if variant in ("unseen_base", "rare"):  # the base only: the specialists' replay (data.BASE_MIXTURE) stays the shipped one
+        build.BASE_MIXTURE = base_only if variant == "unseen_base" else _rare_copying(base_only, task_tags)
+        return
+    # the build fine-tunes each specialist in a child process of its own, which would not see
+    # the patches below: fine-tune them here instead (the same bits, one after another)
+    build._train_specialists = _specialists_in_process
     if variant == "isolated":  # the shipped base; no specialist's replay shows any task tag
 
         def isolated_mixture(skill: str, own_share: float = 0.5):
@@ -68,8 +80,7 @@ def patch_data(variant: str, hide: bool) -> None:
 
         build.specialist_mixture = isolated_mixture
         return
-    mixture = tuple((c._replace(skip=task_tags) if c == ("cpy", "short", "") else c, w) for c, w in data.BASE_MIXTURE)
-    decoys = {}  # task tag -> the name of the base's operation on it
+    mixture, decoys = base_only, {}  # task tag -> the name of the base's operation on it
     for tag, (op, fn) in TAG_OPS.get(variant, {}).items():
         decoys[tag] = f"{op}_{tag}"
         data.GENERAL[decoys[tag]] = Skill(decoys[tag], decoys[tag], tag, ANY_ALPHABET, fn)
@@ -93,6 +104,33 @@ def patch_data(variant: str, hide: bool) -> None:
 
     if hide:
         data.sample_text = sample_hidden
+
+
+def _rare_copying(mixture, task_tags: str):
+    """``mixture`` (copying on no task tag) with copying on each task tag put back at RARE times
+    any other copy tag's rate, the copying's total weight unchanged."""
+    from evomerge.zoo import data
+
+    copying = data.Component("cpy", "short", skip=task_tags)
+    free = "".join(t for t in data.COPY_TAGS if t not in task_tags)
+    per_tag = dict(mixture)[copying] / (len(free) + RARE * len(task_tags))
+    out = tuple((c, per_tag * len(free)) if c == copying else (c, w) for c, w in mixture)
+    return out + ((data.Component("cpy", "short", skip=free), per_tag * RARE * len(task_tags)),)
+
+
+def _specialists_in_process(settings, root: Path, progress: bool, threads: int, jobs=None) -> dict[str, list[float]]:
+    """build._train_specialists, in this process (where the data patches are)."""
+    import json
+
+    from evomerge.zoo import build
+
+    losses = {}
+    for skill in settings.skills:
+        build._fine_tune_one(root, settings.seed, settings.preset, skill, progress, 0)
+        written = root / f".{skill}.losses.json"
+        losses[skill] = json.loads(written.read_text())
+        written.unlink()
+    return losses
 
 
 def pair_scores(zoo: Path) -> dict[str, tuple[float, float]]:
@@ -140,15 +178,16 @@ def main() -> None:
     from zoo_seeds import score_zoo, summary
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH")]))
-    print("| seed | variant | specialist own (min) | uniform | best hand merge | holds | mir+sft | mir+srt | sft+srt |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| seed | variant | specialist own (min) | specialist other (max) | uniform | best hand merge | holds "
+          "| mir+sft | mir+srt | sft+srt |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for seed, variant in itertools.product(args.seeds, args.variants):
         zoo = args.root / (variant + "-hide" * (args.hide and variant in TAG_OPS)) / f"seed{seed}"
         child = ["--child", variant, str(zoo), str(seed), str(args.threads), str(int(args.hide))]
         run_pinned("zoo_tag_variants", child, args.threads, False, zoo)
         s = summary(score_zoo(zoo))
         pairs = " | ".join(f"{a:.3f} / {b:.3f}" for a, b in pair_scores(zoo).values())
-        print(f"| {seed} | {zoo.parent.name} | {s['own_min']:.3f} | {s['uniform']:.3f} | {s['best_hand']:.3f} ({s['best_hand_name']}) | "
+        print(f"| {seed} | {zoo.parent.name} | {s['own_min']:.3f} | {s['other_max']:.3f} | {s['uniform']:.3f} | {s['best_hand']:.3f} ({s['best_hand_name']}) | "
               f"{'yes' if s['holds'] else 'NO'} | {pairs} |", flush=True)
 
 
