@@ -25,7 +25,8 @@ the pair's two own-skill test scores), which shows which rebindings collide:
   tag at copying.
 
 A variant's family is built like `evomerge zoo build` (same settings, same pinned child
-process), with the data module patched in that child only; its zoo.json hash names the
+process; a variant that changes the specialists' data fine-tunes them in that child too, one
+after another), with the data module patched in that child only; its zoo.json hash names the
 variant, so it is never taken for the shipped zoo (``copy``'s is the shipped zoo's: link
 ROOT/copy/seedN to a zoo_seeds.py build to reuse it). ~3.5 min per seed and variant on 2 cores.
 """
@@ -49,7 +50,7 @@ TAG_OPS = {
     "shared": {"k": REV, "n": REV, "o": ROR},
 }
 VARIANTS = ("copy", "distinct", "distinct2", "shared", "unseen", "unseen_base", "rare", "isolated")
-RARE = 0.25  # ``rare``: the base's copying on each task tag, against any other copy tag's
+RARE = 0.25  # ``rare``: the base's rate of copying on each task tag, relative to any other copy tag's
 TAG_OP_SHARE = 0.03  # of the base's data, per task tag (copy on all 21 copy tags is 0.15)
 
 
@@ -120,17 +121,11 @@ def _rare_copying(mixture, task_tags: str):
 
 def _specialists_in_process(settings, root: Path, progress: bool, threads: int, jobs=None) -> dict[str, list[float]]:
     """build._train_specialists, in this process (where the data patches are)."""
-    import json
-
     from evomerge.zoo import build
 
-    losses = {}
     for skill in settings.skills:
         build._fine_tune_one(root, settings.seed, settings.preset, skill, progress, 0)
-        written = root / f".{skill}.losses.json"
-        losses[skill] = json.loads(written.read_text())
-        written.unlink()
-    return losses
+    return {skill: build.take_losses(root, skill) for skill in settings.skills}
 
 
 def pair_scores(zoo: Path) -> dict[str, tuple[float, float]]:

@@ -412,8 +412,7 @@ def _train_specialists(settings: ZooSettings, root: Path, progress: bool, thread
                 err.unlink()
                 if proc.returncode != 0:
                     raise UserError(f"zoo build failed ({skill}): {_last_line(said, proc.returncode)}")
-                losses[skill] = json.loads((root / f".{skill}.losses.json").read_text())
-                (root / f".{skill}.losses.json").unlink()
+                losses[skill] = take_losses(root, skill)
             time.sleep(0.2)
     finally:
         for proc, err in running.values():
@@ -421,6 +420,14 @@ def _train_specialists(settings: ZooSettings, root: Path, progress: bool, thread
             proc.wait()
             err.unlink()
     return {skill: losses[skill] for skill in settings.skills}
+
+
+def take_losses(root: Path, skill: str) -> list[float]:
+    """The losses _fine_tune_one left for ``skill`` beside the zoo, removed once read."""
+    path = root / f".{skill}.losses.json"
+    losses = json.loads(path.read_text())
+    path.unlink()
+    return losses
 
 
 def _fine_tune_one(root: Path, seed: int, preset: str, skill: str, progress: bool, position: int) -> None:
