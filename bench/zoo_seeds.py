@@ -33,11 +33,14 @@ def hand_grid(zoo: Path) -> dict[str, dict]:
     """The shipped hand merges, their model paths pointed at ``zoo``."""
     import yaml
 
-    grid = {}
-    for path in sorted(HAND.glob("*.yaml")):
-        text = path.read_text().replace(ZOO_IN_RECIPES, str(zoo))
-        grid[path.stem] = yaml.safe_load(text)
-    return grid
+    def repoint(node):  # in the parsed recipe, not its text: a path may hold YAML's own characters (",")
+        if isinstance(node, dict):
+            return {k: repoint(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [repoint(v) for v in node]
+        return node.replace(ZOO_IN_RECIPES, str(zoo)) if isinstance(node, str) else node
+
+    return {path.stem: repoint(yaml.safe_load(path.read_text())) for path in sorted(HAND.glob("*.yaml"))}
 
 
 def score_zoo(zoo: Path) -> dict:

@@ -1,8 +1,10 @@
 """The zoo's specialists fine-tuned another way, on the same bases: does a change hold more seeds?
 
     python bench/zoo_specialists.py [--seeds 6 8] [--sam-rho 0.1] [--soup 2] [--own-share 0.5]
-                                    [--steps 400] [--lr-scale 0.75] [--replay-copy own|consistent] [--copy-scale 0.5]
-                                    [--search] [--bases runs/zoo_seeds] [--root runs/zoo_specialists] [--threads 2]
+                                    [--steps 400] [--lr-scale 0.75] [--rates 0.042 0.03 0.021]
+                                    [--replay-copy own|consistent] [--copy-scale 0.5]
+                                    [--base shipped|unseen] [--search] [--bases runs/zoo_seeds]
+                                    [--root runs/zoo_specialists] [--threads 2]
 
 A change to how the specialists fine-tune leaves every seed's base as it was, so this script
 takes each seed's base from a built zoo (BASES/seedN, when its settings name the same base;
@@ -16,7 +18,11 @@ two own-skill test scores); with --search also the default search's best test me
 it beats every hand merge, the uniform merge and every source (zoo_seeds.py's bar). With the
 preset's own settings the specialists are `evomerge zoo build`'s, bit for bit. ~2.5 min per seed
 on 2 cores (+2.3 min for a base it trains, +2 min for a search); two runs side by side at
---threads 1 train two seeds in ~3 min."""
+--threads 1 train two seeds in ~3 min.
+
+``--base unseen`` fine-tunes on the bases of zoo_tag_variants.py's ``unseen_base`` variant, which
+never saw the tasks' tags (BASES/seedN then being that script's ROOT/unseen_base/seedN; the bases
+this script trains for it go under ROOT/bases-unseen)."""
 
 from __future__ import annotations
 
@@ -32,9 +38,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def settings(seed: int, rho: float | None, own_share: float | None = None, steps: int | None = None,
-             lr_scale: float = 1.0):
+             lr_scale: float = 1.0, rates: tuple[float, ...] | None = None):
     """The default preset's settings for ``seed``, the specialists' changed where an argument says.
-    ``steps`` scales the warm-up alike; ``lr_scale`` multiplies every specialist's rate."""
+    ``steps`` scales the warm-up alike; ``lr_scale`` multiplies every specialist's rate (``rates``,
+    when given, in the order of the skills, else the preset's)."""
     from evomerge.zoo.build import zoo_settings
 
     s = zoo_settings("default", seed)
@@ -42,11 +49,12 @@ def settings(seed: int, rho: float | None, own_share: float | None = None, steps
     if steps is not None:
         spec = replace(spec, steps=steps, warmup=round(spec.warmup * steps / spec.steps))
     return replace(s, specialist=spec, own_share=s.own_share if own_share is None else own_share,
-                   specialist_lr=tuple(lr * lr_scale for lr in s.specialist_lr))
+                   specialist_lr=tuple(lr * lr_scale for lr in (rates or s.specialist_lr)))
 
 
-def base_of(zoo: Path, seed: int) -> bool:
-    """Whether ``zoo`` holds the base the default preset trains for ``seed``."""
+def base_of(zoo: Path, seed: int, base: str = "shipped") -> bool:
+    """Whether ``zoo`` holds the base the default preset trains for ``seed`` (``base="unseen"``:
+    zoo_tag_variants.py's ``unseen_base`` variant of it)."""
     from evomerge.zoo.build import ZOO_FORMAT, read_manifest
 
     from evomerge.zoo.train import ModelShape, Schedule
@@ -58,7 +66,8 @@ def base_of(zoo: Path, seed: int) -> bool:
             want.seed, want.preset, want.shape, want.base)
     except (KeyError, TypeError):
         return False
-    return same and m.get("format") == ZOO_FORMAT and (zoo / "base" / "config.json").is_file()
+    fmt = ZOO_FORMAT if base == "shipped" else f"{ZOO_FORMAT}-unseen_base"
+    return same and m.get("format") == fmt and (zoo / "base" / "config.json").is_file()
 
 
 def patch_replay(copy_on: str, scale: float) -> None:
@@ -119,8 +128,12 @@ def _child(out: Path, seed: int, bases: Path, threads: int, opts: dict) -> None:
 
     check_mkl_branch()
     torch.set_num_threads(threads)
-    soup = opts.pop("soup")
+    soup, base_kind = opts.pop("soup"), opts.pop("base")
     patch_replay(opts.pop("replay_copy"), opts.pop("copy_scale"))
+    if base_kind == "unseen":  # the base's data only; the specialists' replay stays the preset's
+        from zoo_tag_variants import patch_data
+
+        patch_data("unseen_base", hide=False)
     s, tokenizer = settings(seed, **opts), build_tokenizer()
 
     def save(model, path: Path) -> None:
@@ -130,8 +143,9 @@ def _child(out: Path, seed: int, bases: Path, threads: int, opts: dict) -> None:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, path)
 
-    own = out.parent.parent / "bases" / f"seed{seed}"  # ROOT/bases: the bases this script trained, for every radius
-    base_dir = bases / f"seed{seed}" / "base" if base_of(bases / f"seed{seed}", seed) else own
+    # ROOT/bases (ROOT/bases-unseen): the bases this script trained, for every variant
+    own = out.parent.parent / ("bases" + "-unseen" * (base_kind == "unseen")) / f"seed{seed}"
+    base_dir = bases / f"seed{seed}" / "base" if base_of(bases / f"seed{seed}", seed, base_kind) else own
     if not (base_dir / "config.json").is_file():
         base_dir.parent.mkdir(parents=True, exist_ok=True)
         save(train_base(s, tokenizer, progress=False)[0], base_dir)
@@ -165,35 +179,42 @@ def main() -> None:
     ap.add_argument("--own-share", type=float, default=None, help="share of each specialist's own skill in its data (default: the preset's)")
     ap.add_argument("--steps", type=int, default=None, help="specialist steps, warm-up scaled alike (default: the preset's)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every specialist's learning rate")
+    ap.add_argument("--rates", type=float, nargs=3, default=None, metavar=("MIR", "SFT", "SRT"),
+                    help="the specialists' learning rates (default: the preset's, 0.042 0.03 0.021)")
     ap.add_argument("--replay-copy", choices=["others", "own", "consistent"], default="others",
                     help="copying in the short format in each specialist's replay: on every tag but its own (the "
                     "preset's); on its own tag over the other skills' alphabets; or on every copy tag over every "
                     "alphabet but that of the tag's skill (patch_replay)")
     ap.add_argument("--copy-scale", type=float, default=1.0, help="scales the weight of that copying (0: none)")
+    ap.add_argument("--base", choices=["shipped", "unseen"], default="shipped",
+                    help="the bases: the preset's, or ones that never saw the tasks' tags (zoo_tag_variants.py's unseen_base)")
     args = ap.parse_args()
 
     import time
 
     from evomerge.zoo.build import run_pinned
     from zoo_seeds import score_zoo, search_beats, search_mean, summary
-    from zoo_tag_variants import pair_scores
+    from zoo_tag_variants import pair_scores, switch_cell
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH")]))
-    s0 = settings(0, args.sam_rho, args.own_share, args.steps, args.lr_scale)
+    rates = tuple(args.rates) if args.rates else None
+    s0 = settings(0, args.sam_rho, args.own_share, args.steps, args.lr_scale, rates)
     rho, default = s0.specialist.sam_rho, settings(0, None)
     variant = (f"rho{rho:g}" + (f"-soup{args.soup}" if args.soup > 1 else "")
                + (f"-own{s0.own_share:g}" if s0.own_share != default.own_share else "")
                + (f"-steps{s0.specialist.steps}" if s0.specialist.steps != default.specialist.steps else "")
                + (f"-lr{args.lr_scale:g}x" if args.lr_scale != 1.0 else "")
+               + ("-rates" + "_".join(f"{r:g}" for r in rates) if rates else "")
                + {"others": "", "own": "-owncopy", "consistent": "-consistent"}[args.replay_copy]
-               + (f"-copy{args.copy_scale:g}x" if args.copy_scale != 1.0 else ""))
-    opts = {"rho": rho, "own_share": s0.own_share, "steps": s0.specialist.steps, "lr_scale": args.lr_scale,
+               + (f"-copy{args.copy_scale:g}x" if args.copy_scale != 1.0 else "")
+               + ("-baseunseen" if args.base == "unseen" else ""))
+    opts = {"rho": rho, "own_share": s0.own_share, "steps": s0.specialist.steps, "lr_scale": args.lr_scale, "rates": rates,
             "soup": args.soup, "replay_copy": args.replay_copy,
-            "copy_scale": args.copy_scale}
+            "copy_scale": args.copy_scale, "base": args.base}
     print(f"variant {variant}")
     print("| seed | SAM rho | specialist own (min) | specialist other (max) | uniform | best hand merge | holds "
-          "| mir+sft | mir+srt | sft+srt |" + " search | beats |" * args.search + " trained in |")
-    print("|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * args.search + "---|")
+          "| mir+sft | mir+srt | sft+srt | switch at (mir / sft / srt) |" + " search | beats |" * args.search + " trained in |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * args.search + "---|")
     held = beaten = 0
     for seed in args.seeds:
         out = args.root / variant / f"seed{seed}"
@@ -210,7 +231,7 @@ def main() -> None:
             beaten += search_beats(s)
             found = f" {s['search']:.3f} | {'yes' if search_beats(s) else 'NO'} |"
         print(f"| {seed} | {rho:g} | {s['own_min']:.3f} | {s['other_max']:.3f} | {s['uniform']:.3f} | "
-              f"{s['best_hand']:.3f} ({s['best_hand_name']}) | {'yes' if s['holds'] else 'NO'} | {pairs} |{found} {took:.0f} s |",
+              f"{s['best_hand']:.3f} ({s['best_hand_name']}) | {'yes' if s['holds'] else 'NO'} | {pairs} | {switch_cell(out)} |{found} {took:.0f} s |",
               flush=True)
     print(f"seeds holding every bar: {held} of {len(args.seeds)}")
     if args.search:

@@ -128,27 +128,66 @@ def _specialists_in_process(settings, root: Path, progress: bool, threads: int, 
     return {skill: build.take_losses(root, skill) for skill in settings.skills}
 
 
-def pair_scores(zoo: Path) -> dict[str, tuple[float, float]]:
-    """Each pair of specialists summed onto the base: the two own-skill test scores."""
+SKILL_NAMES = ("mir", "sft", "srt")
+SWITCH_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))  # the fractions of a task vector switch_points tries
+
+
+def _task_vectors(zoo: Path):
+    """The zoo's base loaded for scoring, its tokenizer, its weights, each specialist's task vector."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.fitness.evaluator import Evaluator
-    from evomerge.fitness.terms import FitnessTerm
-
-    skills = ["mir", "sft", "srt"]
     model = AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(zoo / "base")
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    tau = {s: {k: v - base[k] for k, v in load_file(zoo / s / "model.safetensors").items()} for s in skills}
-    evaluator = Evaluator([FitnessTerm(f"{s}_test", "acc") for s in skills])
+    tau = {s: {k: v - base[k] for k, v in load_file(zoo / s / "model.safetensors").items()} for s in SKILL_NAMES}
+    return model, tokenizer, base, tau
+
+
+def _own_score(skill: str):
+    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.fitness.terms import FitnessTerm
+
+    evaluator = Evaluator([FitnessTerm(f"{skill}_test", "acc")])
+    return lambda model, tokenizer: evaluator.score_model(model, tokenizer).scores[f"{skill}_test"]["acc"]
+
+
+def pair_scores(zoo: Path) -> dict[str, tuple[float, float]]:
+    """Each pair of specialists summed onto the base: the two own-skill test scores."""
+    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.fitness.terms import FitnessTerm
+
+    model, tokenizer, base, tau = _task_vectors(zoo)
+    evaluator = Evaluator([FitnessTerm(f"{s}_test", "acc") for s in SKILL_NAMES])
     out = {}
-    for a, b in itertools.combinations(skills, 2):
+    for a, b in itertools.combinations(SKILL_NAMES, 2):
         model.load_state_dict({k: base[k] + tau[a][k] + tau[b][k] for k in base})
         got = evaluator.score_model(model, tokenizer).scores
         out[f"{a}+{b}"] = (got[f"{a}_test"]["acc"], got[f"{b}_test"]["acc"])
     return out
+
+
+def switch_points(zoo: Path) -> dict[str, float]:
+    """Per specialist, the least fraction ``a`` of SWITCH_GRID at which base + a * its task vector
+    scores >= 0.5 on its own skill (inf: none). The zoo's margin in one number each: the uniform
+    merge gives each a third of its vector, so a point near 1/3 lets it pass; a sum of all three
+    (task arithmetic, lambda 1) gives each all of it beside the others' vectors, so a point near
+    1 leaves no room for them. A zoo with margin on both sides has points near the middle."""
+    model, tokenizer, base, tau = _task_vectors(zoo)
+    out = {}
+    for skill in SKILL_NAMES:
+        score, out[skill] = _own_score(skill), float("inf")
+        for a in SWITCH_GRID:
+            model.load_state_dict({k: base[k] + a * tau[skill][k] for k in base})
+            if score(model, tokenizer) >= 0.5:
+                out[skill] = a
+                break
+    return out
+
+
+def switch_cell(zoo: Path) -> str:
+    return " / ".join(f"{a:g}" for a in switch_points(zoo).values())
 
 
 def _child() -> None:
@@ -174,8 +213,8 @@ def main() -> None:
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH")]))
     print("| seed | variant | specialist own (min) | specialist other (max) | uniform | best hand merge | holds "
-          "| mir+sft | mir+srt | sft+srt |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| mir+sft | mir+srt | sft+srt | switch at (mir / sft / srt) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for seed, variant in itertools.product(args.seeds, args.variants):
         zoo = args.root / (variant + "-hide" * (args.hide and variant in TAG_OPS)) / f"seed{seed}"
         child = ["--child", variant, str(zoo), str(seed), str(args.threads), str(int(args.hide))]
@@ -183,7 +222,7 @@ def main() -> None:
         s = summary(score_zoo(zoo))
         pairs = " | ".join(f"{a:.3f} / {b:.3f}" for a, b in pair_scores(zoo).values())
         print(f"| {seed} | {zoo.parent.name} | {s['own_min']:.3f} | {s['other_max']:.3f} | {s['uniform']:.3f} | {s['best_hand']:.3f} ({s['best_hand_name']}) | "
-              f"{'yes' if s['holds'] else 'NO'} | {pairs} |", flush=True)
+              f"{'yes' if s['holds'] else 'NO'} | {pairs} | {switch_cell(zoo)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,18 @@ def test_zoo_seeds_row_0_is_the_results_table():
     assert got == pytest.approx(want, abs=5e-4) and cells[5].endswith(f"({s['best_hand_name']})"), (got, want)
 
 
+def test_hand_grid_points_every_recipe_at_any_zoo_path():
+    """Model paths are replaced in the parsed recipes: a zoo path with YAML's own characters stays one path."""
+    from zoo_seeds import HAND, hand_grid
+
+    zoo = Path("/tmp/rates0.029,0.015: [x]/seed1")
+    grid = hand_grid(zoo)
+    assert sorted(grid) == sorted(p.stem for p in HAND.glob("*.yaml")) and grid
+    for recipe in grid.values():
+        paths = [m["model"] for m in recipe["models"]] + ([recipe["base_model"]] if "base_model" in recipe else [])
+        assert all(Path(p).parent == zoo for p in paths), paths
+
+
 @pytest.mark.slow
 def test_readme_results_reproduce():
     """Builds the default zoo (cached beside SmolLM2 across runs), scores the sources and hand
