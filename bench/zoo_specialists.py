@@ -14,7 +14,8 @@ SAM radius, 0 for plain SGD steps; each specialist the uniform soup of K fine-tu
 streams; its own share of the data; its steps; its rates; the copying in its replay, see
 patch_replay), pinned like a build, into ROOT/<variant>/seedN, and prints per seed
 zoo_seeds.py's bars and each pair of specialists summed (task arithmetic, lambda 1: the pair's
-two own-skill test scores); with --search also the default search's best test mean and whether
+two own-skill test scores) and where each switches on along its task vector (switch_points in
+zoo_tag_variants.py); with --search also the default search's best test mean and whether
 it beats every hand merge, the uniform merge and every source (zoo_seeds.py's bar). With the
 preset's own settings the specialists are `evomerge zoo build`'s, bit for bit. ~2.5 min per seed
 on 2 cores (+2.3 min for a base it trains, +2 min for a search); two runs side by side at

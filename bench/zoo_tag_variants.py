@@ -7,8 +7,9 @@ In the shipped zoo (zoo/data.py) the base copies on every tag that names no oper
 three tasks' tags (k, n, o) included, and each specialist rebinds its own tag from copying to
 its skill. This script builds the same family with the base taught another meaning for those
 three tags, and prints, per seed and variant, the zoo_seeds.py bars (specialists, uniform
-merge, best of the hand grid) and each pair of specialists summed (task arithmetic, lambda 1:
-the pair's two own-skill test scores), which shows which rebindings collide:
+merge, best of the hand grid), each pair of specialists summed (task arithmetic, lambda 1:
+the pair's two own-skill test scores), which shows which rebindings collide, and where each
+specialist switches on along its task vector (switch_points):
 
 - ``copy``: the shipped design (every task tag copies in the base);
 - ``distinct``: each task tag names its own operation in the base (k reverse, n rotate left,
@@ -170,10 +171,10 @@ def pair_scores(zoo: Path) -> dict[str, tuple[float, float]]:
 
 def switch_points(zoo: Path) -> dict[str, float]:
     """Per specialist, the least fraction ``a`` of SWITCH_GRID at which base + a * its task vector
-    scores >= 0.5 on its own skill (inf: none). The zoo's margin in one number each: the uniform
-    merge gives each a third of its vector, so a point near 1/3 lets it pass; a sum of all three
-    (task arithmetic, lambda 1) gives each all of it beside the others' vectors, so a point near
-    1 leaves no room for them. A zoo with margin on both sides has points near the middle."""
+    scores >= 0.5 on its own skill (inf: none). The uniform merge gives each a third of its
+    vector, so a point near 1/3 lets it pass; a sum of all three (task arithmetic, lambda 1) gives
+    each all of it beside the others' vectors, so a point near 1 leaves little room for them. It
+    tracks the uniform bar, not collisions (bench/RESULTS.md, nineteenth session)."""
     model, tokenizer, base, tau = _task_vectors(zoo)
     out = {}
     for skill in SKILL_NAMES:
