@@ -67,7 +67,12 @@ def base_of(zoo: Path, seed: int, base: str = "shipped") -> bool:
             want.seed, want.preset, want.shape, want.base)
     except (KeyError, TypeError):
         return False
-    fmt = ZOO_FORMAT if base == "shipped" else f"{ZOO_FORMAT}-unseen_base"
+    if base == "shipped":
+        fmt = ZOO_FORMAT
+    else:
+        from zoo_tag_variants import variant_format
+
+        fmt = variant_format("unseen_base")
     return same and m.get("format") == fmt and (zoo / "base" / "config.json").is_file()
 
 

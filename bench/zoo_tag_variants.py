@@ -43,6 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+from evomerge.zoo.data import SKILLS  # noqa: E402  (numpy only: the parent stays light)
+
 REV, ROL, ROR = ("rev", lambda x: x[::-1]), ("rol", lambda x: x[1:] + x[0]), ("ror", lambda x: x[-1] + x[:-1])
 # task tag -> (name, operation) the base learns on it, in the short format over every alphabet
 TAG_OPS = {
@@ -55,6 +57,15 @@ RARE = 0.25  # ``rare``: the base's rate of copying on each task tag, relative t
 TAG_OP_SHARE = 0.03  # of the base's data, per task tag (copy on all 21 copy tags is 0.15)
 
 
+def variant_format(variant: str, hide: bool = False) -> str:
+    """The zoo format a variant's manifest records (never the shipped one, so never taken for it);
+    the same after patch_data has set it in this process (zoo_specialists.py asks then)."""
+    from evomerge.zoo import build
+
+    shipped = str(build.ZOO_FORMAT).split("-", 1)[0]
+    return f"{shipped}-{variant}" + "-hide" * (hide and variant in TAG_OPS)
+
+
 def patch_data(variant: str, hide: bool) -> None:
     """Rewrite zoo/data.py's base mixture (and the specialists' replay of it) for ``variant``;
     ``hide``: the base's operations on the task tags never show a held-out input, as no other
@@ -65,7 +76,7 @@ def patch_data(variant: str, hide: bool) -> None:
 
     if variant == "copy":  # the shipped design: the same family, the same hash
         return
-    build.ZOO_FORMAT = f"{build.ZOO_FORMAT}-{variant}" + "-hide" * (hide and variant in TAG_OPS)
+    build.ZOO_FORMAT = variant_format(variant, hide)
     task_tags = "".join(data.SKILL_TAGS)
     base_only = tuple((c._replace(skip=task_tags) if c == ("cpy", "short", "") else c, w) for c, w in data.BASE_MIXTURE)
     if variant in ("unseen_base", "rare"):  # the base only: the specialists' replay (data.BASE_MIXTURE) stays the shipped one
@@ -129,7 +140,7 @@ def _specialists_in_process(settings, root: Path, progress: bool, threads: int, 
     return {skill: build.take_losses(root, skill) for skill in settings.skills}
 
 
-SKILL_NAMES = ("mir", "sft", "srt")
+SKILL_NAMES = tuple(SKILLS)  # mir, sft, srt: the order of the pairs and switch points printed
 SWITCH_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))  # the fractions of a task vector switch_points tries
 
 
